@@ -1,0 +1,271 @@
+"""`attach_memory`: turn a trained Keras model into its ResMem model."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_resmem import residuals as residuals_lib
+from keras_resmem.api_export import keras_resmem_export
+from keras_resmem.residual_memory import ResidualMemory
+
+
+def _check_model(model):
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "`model` must be a Keras model (functional or Sequential). "
+            f"Received: model of type {type(model).__name__}"
+        )
+    try:
+        inputs, outputs = model.inputs, model.outputs
+    except (AttributeError, ValueError):
+        inputs = outputs = None
+    if not inputs or not outputs:
+        raise TypeError(
+            "`attach_memory` needs a functional or Sequential Keras model, whose layer "
+            "graph it can read; a subclassed model has none. Rebuild it with "
+            "`keras.Model(inputs, outputs)`, or build the Sequential model with an "
+            f"`keras.Input`. Received: model {model.name!r} of type {type(model).__name__}"
+        )
+    if len(outputs) != 1:
+        raise ValueError(
+            "`model` must have exactly one output (the class scores). "
+            f"Received: a model with {len(outputs)} outputs"
+        )
+
+
+def _embedding_tensor(model, layer_name):
+    names = [layer.name for layer in model.layers]
+    if not isinstance(layer_name, str) or layer_name not in names:
+        raise ValueError(
+            f"`layer_name` must name a layer of model {model.name!r}. "
+            f"Received: layer_name={layer_name!r}. Valid names: {names}"
+        )
+    layer = model.get_layer(layer_name)
+    try:
+        output = layer.output
+    except (AttributeError, ValueError) as e:
+        raise ValueError(
+            f"Layer {layer_name!r} has no single output to use as the embedding "
+            f"(is it shared, or called more than once?): {e}"
+        ) from None
+    if isinstance(output, (list, tuple, dict)):
+        raise ValueError(
+            f"Layer {layer_name!r} has several outputs; choose a layer with one output "
+            "as the embedding."
+        )
+    return output
+
+
+def _outputs_are_probabilities(output_tensor):
+    """Whether the model's output layer ends in a softmax."""
+    layer = output_tensor._keras_history.operation
+    if isinstance(layer, keras.layers.Softmax):
+        return True
+    activation = getattr(layer, "activation", None)
+    return activation is keras.activations.softmax or (
+        getattr(activation, "__name__", None) == "softmax"
+    )
+
+
+def _as_dataset(data, batch_size, input_rank):
+    if isinstance(data, tf.data.Dataset):
+        spec = data.element_spec
+        if not (isinstance(spec, tuple) and len(spec) == 2):
+            raise ValueError(
+                "`data` must be a `tf.data.Dataset` of `(x, y)` pairs. "
+                f"Received: a dataset with element_spec={spec}"
+            )
+        x_spec = tf.nest.flatten(spec[0])[0]
+        if x_spec.shape.rank is not None and x_spec.shape.rank == input_rank - 1:
+            data = data.batch(batch_size)
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = data
+        if len(tf.nest.flatten(x)[0]) != len(y):
+            raise ValueError(
+                "`data` must be `(x, y)` with one label per example. Received: "
+                f"{len(tf.nest.flatten(x)[0])} examples and {len(y)} labels"
+            )
+        return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+    raise ValueError(
+        "`data` must be a `tf.data.Dataset` of `(x, y)` or a tuple `(x, y)` of arrays. "
+        f"Received: {type(data).__name__}"
+    )
+
+
+def _class_ids(y, num_classes, start):
+    """Integer class ids from int labels or one-hot rows; clear errors otherwise."""
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim == 2:
+        if y.shape[1] != num_classes:
+            raise ValueError(
+                f"The labels are {y.shape[1]} wide but the model has {num_classes} outputs. "
+                "Give integer class ids or one-hot rows of the output's width."
+            )
+        if not (np.isin(y, (0, 1)).all() and (y.sum(axis=1) == 1).all()):
+            raise ValueError(
+                "2-D labels must be one-hot rows (soft labels are not supported); "
+                f"examples {start}..{start + len(y) - 1} are not."
+            )
+        return y.argmax(axis=1).astype(np.int32)
+    if y.ndim != 1:
+        raise ValueError(f"Labels must be class ids (n,) or one-hot (n, c). Received shape {y.shape}")
+    if not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)))):
+        raise ValueError(f"Class ids must be integers. Received dtype {y.dtype}")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        bad = int(np.argmax((y < 0) | (y >= num_classes)))
+        raise ValueError(
+            f"Class ids must lie in [0, {num_classes}) for a model with {num_classes} outputs. "
+            f"Received: label {y[bad]} at example {start + bad}"
+        )
+    return y.astype(np.int32)
+
+
+def _check_finite(name, values, layer_name, start):
+    bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"The {name} contain NaN or infinite values, at training example "
+            f"{start + int(np.argmax(bad))} (layer {layer_name!r}). A memory cannot be built "
+            "from them; check the model's weights and the input data."
+        )
+
+
+@keras_resmem_export("keras_resmem.attach_memory")
+def attach_memory(
+    model,
+    layer_name,
+    data,
+    *,
+    k=50,
+    sigma=1.0,
+    temperature=1.0,
+    task="classification",
+    search="auto",
+    batch_size=256,
+    from_logits=None,
+    scann_options=None,
+    verbose=1,
+    name=None,
+):
+    """Builds the ResMem model of a trained Keras model.
+
+    Runs `model` once over the training `data`, recording each example's
+    embedding (the output of layer `layer_name`), the model's output and the
+    label, and returns a new model with the same inputs whose output is the
+    ResMem prediction (see `keras_resmem.ResidualMemory`). `model` itself is
+    not modified: the new model shares its layers and weights.
+
+    Args:
+        model: a trained functional or Sequential Keras model with one output:
+            class scores (logits, or a softmax) for classification, or
+            predictions for regression.
+        layer_name: the name of the layer whose output is the embedding (the
+            paper uses the pre-logit layer).
+        data: the training data: a `tf.data.Dataset` of `(x, y)` (batched or
+            not), or a tuple `(x, y)` of arrays. Labels are integer class ids
+            or one-hot rows; regression targets have the output's width.
+        k: the number of neighbours combined.
+        sigma: the distance scale of the neighbour weights.
+        temperature: the softmax temperature `T` (classification).
+        task: `"classification"` or `"regression"`.
+        search: `"auto"`, `"exact"` or `"scann"`; see `ResidualMemory`.
+        batch_size: batch size for arrays and unbatched datasets.
+        from_logits: whether the model outputs logits. `None` detects it: a
+            model whose last layer applies a softmax outputs probabilities.
+        scann_options: ScaNN settings; see `ResidualMemory`.
+        verbose: 1 shows a progress bar, 0 is silent.
+        name: the new model's name; default `"<model name>_resmem"`.
+
+    Returns:
+        A `keras.Model` whose output is the ResMem prediction. Its memory layer
+        is `model.get_layer("residual_memory")`.
+
+    Raises:
+        TypeError: `model` is not a functional or Sequential Keras model.
+        ValueError: an unknown `layer_name` (the message lists the valid
+            names), labels that do not fit the output, `k` larger than the
+            data, NaN or infinite embeddings, or empty `data`.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> import keras_resmem
+    >>> inputs = keras.Input((4,))
+    >>> h = keras.layers.Dense(8, activation="relu", name="pre_logits")(inputs)
+    >>> base = keras.Model(inputs, keras.layers.Dense(3)(h))
+    >>> x = np.random.default_rng(0).normal(size=(100, 4)).astype("float32")
+    >>> y = np.arange(100) % 3
+    >>> resmem = keras_resmem.attach_memory(base, "pre_logits", (x, y), k=1, sigma=0.01, verbose=0)
+    >>> # A small k and sigma memorize every training label (Remark 3.2):
+    >>> float((resmem.predict(x, verbose=0).argmax(-1) == y).mean())
+    1.0
+    """
+    _check_model(model)
+    if task not in residuals_lib.TASKS:
+        raise ValueError(f"`task` must be one of {residuals_lib.TASKS}. Received: task={task!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer. Received: batch_size={batch_size!r}")
+    # Validate the hyperparameters before the (long) pass over the data.
+    memory = ResidualMemory(
+        k=k,
+        sigma=sigma,
+        temperature=temperature,
+        task=task,
+        search=search,
+        from_logits=True,
+        scann_options=scann_options,
+        name="residual_memory",
+    )
+    embedding = _embedding_tensor(model, layer_name)
+    output = model.outputs[0]
+    num_outputs = output.shape[-1]
+    if task == "classification":
+        if from_logits is None:
+            from_logits = not _outputs_are_probabilities(output)
+        if num_outputs is None or num_outputs < 2:
+            raise ValueError(
+                "Classification needs one output per class (at least 2); the model's output "
+                f"has shape {output.shape}. For a single score use task='regression'."
+            )
+    memory.from_logits = bool(from_logits) if from_logits is not None else True
+
+    features = keras.Model(model.inputs, [embedding, output])
+    predict = tf.function(lambda x: features(x, training=False), reduce_retracing=True)
+    dataset = _as_dataset(data, batch_size, len(model.inputs[0].shape))
+    cardinality = int(dataset.cardinality())
+    progbar = keras.utils.Progbar(
+        cardinality if cardinality > 0 else None, verbose=verbose, unit_name="batch"
+    )
+    embeddings, scores, targets = [], [], []
+    seen = 0
+    for step, (x, y) in enumerate(dataset):
+        emb, out = (t.numpy() for t in predict(x))
+        y = np.asarray(y)
+        if len(y) != len(out):
+            raise ValueError(
+                f"Batch {step} of `data` has {len(out)} inputs but {len(y)} labels."
+            )
+        _check_finite("embeddings", emb, layer_name, seen)
+        _check_finite("model outputs", out, layer_name, seen)
+        if task == "classification":
+            y = _class_ids(y, num_outputs, seen)
+        else:
+            y = y.astype(np.float32).reshape(len(y), -1)
+            if y.shape[1] != out.shape[-1]:
+                raise ValueError(
+                    f"Regression targets are {y.shape[1]} wide but the model has "
+                    f"{out.shape[-1]} outputs."
+                )
+        embeddings.append(emb.reshape(len(emb), -1))
+        scores.append(out.reshape(len(out), -1))
+        targets.append(y)
+        seen += len(y)
+        progbar.update(step + 1)
+    if seen == 0:
+        raise ValueError("`data` is empty: a memory needs at least one training example.")
+    memory.memorize(np.concatenate(embeddings), np.concatenate(scores), np.concatenate(targets))
+    prediction = memory([embedding, output])
+    return keras.Model(model.inputs, prediction, name=name or f"{model.name}_resmem")

@@ -1,0 +1,456 @@
+"""The `ResidualMemory` layer: a kNN memory of a network's training residuals."""
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_resmem import residuals as residuals_lib
+from keras_resmem import search as search_lib
+from keras_resmem.api_export import keras_resmem_export
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+    return int(value)
+
+
+def _check_positive_float(name, value):
+    if isinstance(value, bool):
+        raise ValueError(f"`{name}` must be a positive number. Received: {name}={value!r}")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"`{name}` must be a positive number. Received: {name}={value!r}"
+        ) from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"`{name}` must be a positive, finite number. Received: {name}={value}")
+    return value
+
+
+@keras_resmem_export("keras_resmem.ResidualMemory")
+class ResidualMemory(keras.layers.Layer):
+    """Adds the residuals of a network's nearest training examples to its output.
+
+    ResMem (Yang et al., 2023, "Learn what you can and memorize the rest"). The
+    layer stores, for every training example `i`, an embedding `z_i` (an
+    intermediate layer's output), the network's output on it, and its target.
+    Called on `[embeddings, scores]` for a batch, it finds the `k` training
+    embeddings nearest to each query under L2 distance `d_i`, weights them by
+    `softmax(-d_i / sigma)` over those `k`, and returns
+
+    - classification: `softmax(logits / T) + sum_i w_i (onehot(y_i) - softmax(logits_i / T))`;
+    - regression: `f(x) + sum_i w_i (y_i - f(x_i))`.
+
+    Residuals are computed from the stored outputs when used, so `k`, `sigma`
+    and `temperature` can be changed at any time (they are variables: a change
+    reaches already-compiled models), without running the network again.
+
+    Most users get this layer from `keras_resmem.attach_memory`, which runs the
+    network over the training data and calls `memorize`.
+
+    Args:
+        k: the number of neighbours whose residuals are combined.
+        sigma: the distance scale of the weights `exp(-d / sigma)`.
+        temperature: `T`, the temperature of the network's softmax (classification).
+        task: `"classification"` or `"regression"`.
+        from_logits: classification only: whether `scores` are logits (`True`)
+            or softmax probabilities (`False`).
+        search: the neighbour search backend: `"exact"` (stock TensorFlow ops),
+            `"scann"`, or `"auto"` (exact below 200,000 entries, else ScaNN).
+        memory_size, key_dim, num_outputs: the memory's shape. Set by
+            `memorize`; given only when re-creating a layer from its config.
+        chunk_size: exact search scores this many memory entries at once,
+            which bounds its memory use.
+        scann_options: overrides of the ScaNN settings (`num_leaves`,
+            `num_leaves_to_search`, `training_sample_size`,
+            `dimensions_per_block`, `reorder`, `brute_force`).
+        **kwargs: base layer keyword arguments, such as `name`.
+
+    Call arguments:
+        inputs: a list `[embeddings, scores]`: `embeddings` of shape
+            `(batch, ...)` (flattened to `key_dim`) and `scores`, the network's
+            output, `(batch, num_outputs)`.
+        return_neighbors: if `True`, also return the int32 neighbour ids and
+            their weights, each `(batch, k)`, nearest first.
+
+    Returns:
+        The ResMem prediction `(batch, num_outputs)`; with `return_neighbors`,
+        a tuple `(prediction, neighbor_ids, neighbor_weights)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras_resmem
+    >>> memory = keras_resmem.ResidualMemory(k=1, sigma=0.1)
+    >>> memory.memorize(
+    ...     embeddings=np.array([[0.0, 0.0], [1.0, 1.0]]),
+    ...     scores=np.array([[2.0, 0.0], [2.0, 0.0]]),  # logits: class 0 twice
+    ...     targets=np.array([0, 1]),
+    ... )
+    >>> out = memory([np.array([[0.9, 1.1]]), np.array([[2.0, 0.0]])])
+    >>> out.numpy().round(3)  # the neighbour's label, exactly
+    array([[0., 1.]], dtype=float32)
+    """
+
+    def __init__(
+        self,
+        k=50,
+        sigma=1.0,
+        temperature=1.0,
+        *,
+        task="classification",
+        from_logits=True,
+        search="auto",
+        memory_size=None,
+        key_dim=None,
+        num_outputs=None,
+        chunk_size=16384,
+        scann_options=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if task not in residuals_lib.TASKS:
+            raise ValueError(
+                f"`task` must be one of {residuals_lib.TASKS}. Received: task={task!r}"
+            )
+        if not isinstance(from_logits, bool):
+            raise ValueError(f"`from_logits` must be True or False. Received: from_logits={from_logits!r}")
+        if search not in search_lib.BACKENDS:
+            raise ValueError(
+                f"`search` must be one of {search_lib.BACKENDS}. Received: search={search!r}"
+            )
+        for name, value in (("memory_size", memory_size), ("key_dim", key_dim), ("num_outputs", num_outputs)):
+            if value is not None:
+                _check_positive_int(name, value)
+        if scann_options is not None and not isinstance(scann_options, dict):
+            raise ValueError(f"`scann_options` must be a dict. Received: scann_options={scann_options!r}")
+        self.task = task
+        self.from_logits = from_logits
+        self.search = search
+        self.memory_size = None if memory_size is None else int(memory_size)
+        self.key_dim = None if key_dim is None else int(key_dim)
+        self.num_outputs = None if num_outputs is None else int(num_outputs)
+        self.chunk_size = _check_positive_int("chunk_size", chunk_size)
+        self.scann_options = dict(scann_options) if scann_options else None
+        self._hparam_vars = None
+        self._searcher = None
+        self.k = k
+        self.sigma = sigma
+        self.temperature = temperature
+        self.trainable = False
+
+    # Hyperparameters: Python values until built, then variables.
+
+    def _get_hparam(self, name):
+        if self._hparam_vars is not None:
+            return self._hparam_vars[name].numpy().item()
+        # None while __init__ runs (TensorFlow's tracking reads attributes first).
+        return self.__dict__.get(f"_{name}_value")
+
+    def _set_hparam(self, name, value):
+        if self._hparam_vars is not None:
+            self._hparam_vars[name].assign(value)
+        else:
+            self.__dict__[f"_{name}_value"] = value
+
+    @property
+    def k(self):
+        """The number of neighbours combined."""
+        value = self._get_hparam("k")
+        return None if value is None else int(value)
+
+    @k.setter
+    def k(self, value):
+        value = _check_positive_int("k", value)
+        if self.memory_size is not None and value > self.memory_size:
+            raise ValueError(
+                f"`k` must be at most the memory size ({self.memory_size} entries). "
+                f"Received: k={value}"
+            )
+        self._set_hparam("k", value)
+
+    @property
+    def sigma(self):
+        """The distance scale of the neighbour weights."""
+        value = self._get_hparam("sigma")
+        return None if value is None else float(value)
+
+    @sigma.setter
+    def sigma(self, value):
+        self._set_hparam("sigma", _check_positive_float("sigma", value))
+
+    @property
+    def temperature(self):
+        """The softmax temperature `T`."""
+        value = self._get_hparam("temperature")
+        return None if value is None else float(value)
+
+    @temperature.setter
+    def temperature(self, value):
+        self._set_hparam("temperature", _check_positive_float("temperature", value))
+
+    @property
+    def search_backend(self):
+        """The backend in use: `"exact"` or `"scann"` (`"auto"` resolved)."""
+        if self.memory_size is None:
+            return None
+        return search_lib.resolve_backend(self.search, self.memory_size)
+
+    def build(self, input_shape=None):
+        if self.memory_size is None or self.key_dim is None or self.num_outputs is None:
+            raise ValueError(
+                "This ResidualMemory has no memory yet: call `memorize(...)` first, "
+                "or create it with `keras_resmem.attach_memory(...)`."
+            )
+        if input_shape is not None:
+            self._check_input_shapes(input_shape)
+        n, c = self.memory_size, self.num_outputs
+        hparams = {"k": self._k_value, "sigma": self._sigma_value, "temperature": self._temperature_value}
+        self.keys = self.add_weight(
+            name="keys", shape=(n, self.key_dim), initializer="zeros", trainable=False
+        )
+        self.memory_scores = self.add_weight(
+            name="memory_scores", shape=(n, c), initializer="zeros", trainable=False
+        )
+        target_shape, target_dtype = ((n,), "int32") if self.task == "classification" else ((n, c), "float32")
+        self.memory_targets = self.add_weight(
+            name="memory_targets",
+            shape=target_shape,
+            dtype=target_dtype,
+            initializer="zeros",
+            trainable=False,
+        )
+        self._hparam_vars = {
+            "k": self.add_weight(name="k", shape=(), dtype="int32", initializer="zeros", trainable=False),
+            # float64, so that get_config() gives back exactly the value set.
+            "sigma": self.add_weight(
+                name="sigma", shape=(), dtype="float64", initializer="ones", trainable=False
+            ),
+            "temperature": self.add_weight(
+                name="temperature", shape=(), dtype="float64", initializer="ones", trainable=False
+            ),
+        }
+        for name, value in hparams.items():
+            self._hparam_vars[name].assign(value)
+        if self.search_backend == "exact":
+            self._searcher = search_lib.ExactSearch(self.keys, self.chunk_size)
+        self.built = True
+
+    def _check_input_shapes(self, input_shape):
+        if not (isinstance(input_shape, (list, tuple)) and len(input_shape) == 2) or not all(
+            isinstance(shape, (list, tuple)) for shape in input_shape
+        ):
+            raise ValueError(
+                "ResidualMemory is called on a list `[embeddings, scores]`. "
+                f"Received input shape: {input_shape}"
+            )
+        emb_shape, score_shape = (tuple(s) for s in input_shape)
+        if score_shape[-1] is not None and score_shape[-1] != self.num_outputs:
+            raise ValueError(
+                f"The scores have {score_shape[-1]} outputs but the memory was built for "
+                f"num_outputs={self.num_outputs}. Received scores shape: {score_shape}"
+            )
+        feature_dims = emb_shape[len(score_shape) - 1 :]
+        if None not in feature_dims and math.prod(feature_dims) != self.key_dim:
+            raise ValueError(
+                f"The embeddings have {math.prod(feature_dims)} features per example but the "
+                f"memory keys have key_dim={self.key_dim}. Received embeddings shape: {emb_shape}"
+            )
+
+    def memorize(self, embeddings, scores, targets):
+        """Stores the memory: one entry per training example.
+
+        Args:
+            embeddings: `(n, ...)` training embeddings (flattened to `(n, d)`).
+            scores: `(n, num_outputs)` the network's outputs on them (logits
+                or probabilities, as `from_logits` says; predictions for regression).
+            targets: classification: `(n,)` integer class ids; regression:
+                `(n, num_outputs)` (or `(n,)` for one output).
+
+        Raises:
+            ValueError: on shapes that disagree, non-finite values, or class
+                ids outside `[0, num_outputs)`.
+        """
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        scores = np.asarray(scores, dtype=np.float32)
+        n = len(embeddings)
+        if n == 0:
+            raise ValueError("`embeddings` is empty: a memory needs at least one entry.")
+        embeddings = embeddings.reshape(n, -1)
+        if scores.ndim != 2 or len(scores) != n:
+            raise ValueError(
+                f"`scores` must have shape (n, num_outputs) with n={n} (the number of "
+                f"embeddings). Received: scores.shape={scores.shape}"
+            )
+        targets = self._check_targets(np.asarray(targets), n, scores.shape[1])
+        for name, value in (("embeddings", embeddings), ("scores", scores)):
+            bad = ~np.isfinite(value).all(axis=tuple(range(1, value.ndim)))
+            if bad.any():
+                raise ValueError(
+                    f"`{name}` contains NaN or infinite values, in {int(bad.sum())} of {n} "
+                    f"entries (the first at index {int(np.argmax(bad))})."
+                )
+        shape = (n, embeddings.shape[1], scores.shape[1])
+        if self.built and shape != (self.memory_size, self.key_dim, self.num_outputs):
+            raise ValueError(
+                "This layer already holds a memory of a different shape "
+                f"({self.memory_size}, {self.key_dim}, {self.num_outputs}); create a new "
+                f"ResidualMemory for one of shape {shape}."
+            )
+        if self.k > n:
+            raise ValueError(f"`k` must be at most the memory size ({n} entries). Received: k={self.k}")
+        self.memory_size, self.key_dim, self.num_outputs = shape
+        if not self.built:
+            self.build()
+        self.keys.assign(embeddings)
+        self.memory_scores.assign(scores)
+        self.memory_targets.assign(targets)
+        if self.search_backend == "scann":
+            self._searcher = search_lib.ScannSearch.build(embeddings, self.scann_options)
+
+    def _check_targets(self, targets, n, c):
+        if len(targets) != n:
+            raise ValueError(
+                f"`targets` must have one row per embedding ({n}). Received: {len(targets)} rows"
+            )
+        if self.task == "regression":
+            targets = targets.astype(np.float32).reshape(n, -1)
+            if targets.shape[1] != c:
+                raise ValueError(
+                    f"Regression targets must have the width of the scores ({c}). "
+                    f"Received: targets.shape={targets.shape}"
+                )
+            if not np.isfinite(targets).all():
+                raise ValueError("`targets` contains NaN or infinite values.")
+            return targets
+        if targets.ndim != 1 or not np.issubdtype(targets.dtype, np.integer):
+            raise ValueError(
+                "Classification targets must be integer class ids of shape (n,). "
+                f"Received: dtype={targets.dtype}, shape={targets.shape}"
+            )
+        if targets.min() < 0 or targets.max() >= c:
+            raise ValueError(
+                f"Class ids must lie in [0, {c}) for a model with {c} outputs. "
+                f"Received ids from {targets.min()} to {targets.max()}"
+            )
+        return targets.astype(np.int32)
+
+    def _ensure_searcher(self):
+        if self._searcher is None:
+            # A ScaNN memory loaded without its index (e.g. from a weights
+            # file): rebuild the index from the keys, eagerly, once.
+            with tf.init_scope():
+                self._searcher = search_lib.ScannSearch.build(self.keys.numpy(), self.scann_options)
+        return self._searcher
+
+    def _hparam_tensor(self, name):
+        value = tf.convert_to_tensor(self._hparam_vars[name])
+        return value if name == "k" else tf.cast(value, tf.float32)
+
+    def _search(self, queries):
+        ids = self._ensure_searcher().search(queries, self._hparam_tensor("k"))
+        # Exact distances of the k found, whatever the backend: an approximate
+        # search may miss a neighbour but never mis-weights one.
+        neighbor_keys = tf.gather(self.keys, ids)
+        squared = tf.reduce_sum(tf.square(queries[:, None, :] - neighbor_keys), axis=-1)
+        distances = tf.sqrt(tf.maximum(squared, 0.0))
+        # Nearest first by the exact distance, so that the first j of k
+        # neighbours are the j nearest (the tuner truncates k this way).
+        order = tf.argsort(distances, axis=-1, stable=True)
+        return tf.gather(ids, order, batch_dims=1), tf.gather(distances, order, batch_dims=1)
+
+    def neighbors(self, embeddings):
+        """The `k` nearest memory entries of each query, and their weights.
+
+        Args:
+            embeddings: `(m, ...)` query embeddings (flattened to `key_dim`).
+
+        Returns:
+            `(ids, distances, weights)`, each `(m, k)`, nearest first: int32
+            memory ids, L2 distances, and the normalised weights.
+        """
+        queries = tf.reshape(tf.cast(embeddings, tf.float32), [-1, self.key_dim])
+        ids, distances = self._search(queries)
+        weights = residuals_lib.neighbor_weights(distances, self._hparam_tensor("sigma"))
+        return ids, distances, weights
+
+    def call(self, inputs, return_neighbors=False):
+        self._check_input_shapes([tuple(t.shape) for t in inputs])
+        embeddings, scores = inputs
+        scores = tf.cast(scores, tf.float32)
+        batch_shape = tf.shape(scores)[:-1]
+        flat_scores = tf.reshape(scores, [-1, self.num_outputs])
+        queries = tf.reshape(tf.cast(embeddings, tf.float32), [-1, self.key_dim])
+        ids, distances = self._search(queries)
+        prediction, weights = residuals_lib.resmem_prediction(
+            flat_scores,
+            tf.gather(self.memory_scores, ids),
+            tf.gather(self.memory_targets, ids),
+            distances,
+            sigma=self._hparam_tensor("sigma"),
+            temperature=self._hparam_tensor("temperature"),
+            task=self.task,
+            from_logits=self.from_logits,
+        )
+        prediction = tf.reshape(prediction, tf.shape(scores))
+        if not return_neighbors:
+            return prediction
+        neighbor_shape = tf.concat([batch_shape, [-1]], axis=0)
+        return prediction, tf.reshape(ids, neighbor_shape), tf.reshape(weights, neighbor_shape)
+
+    def compute_output_spec(self, inputs, return_neighbors=False):
+        _, scores = inputs
+        prediction = keras.KerasTensor(scores.shape, dtype="float32")
+        if not return_neighbors:
+            return prediction
+        neighbor_shape = tuple(scores.shape[:-1]) + (None,)
+        return (
+            prediction,
+            keras.KerasTensor(neighbor_shape, dtype="int32"),
+            keras.KerasTensor(neighbor_shape, dtype="float32"),
+        )
+
+    def load_own_variables(self, store):
+        super().load_own_variables(store)
+        if self.search_backend == "scann":
+            # The index no longer matches the keys; `load_assets` (or the
+            # first call) restores it.
+            self._searcher = None
+
+    def save_assets(self, dir_path):
+        if self.search_backend == "scann" and self._searcher is not None:
+            self._searcher.save(dir_path)
+
+    def load_assets(self, dir_path):
+        if self.search_backend == "scann":
+            self._searcher = search_lib.ScannSearch.load(
+                dir_path, self.keys, self._scann_options_in_use()
+            )
+
+    def _scann_options_in_use(self):
+        opts = search_lib.default_scann_options(self.memory_size, self.key_dim)
+        opts.update(self.scann_options or {})
+        return opts
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "k": self.k,
+                "sigma": self.sigma,
+                "temperature": self.temperature,
+                "task": self.task,
+                "from_logits": self.from_logits,
+                "search": self.search,
+                "memory_size": self.memory_size,
+                "key_dim": self.key_dim,
+                "num_outputs": self.num_outputs,
+                "chunk_size": self.chunk_size,
+                "scann_options": self.scann_options,
+            }
+        )
+        return config

@@ -1,0 +1,84 @@
+"""Cheap hyperparameter sweeps: neighbours searched once, reused for every (k, sigma, T)."""
+
+import numpy as np
+import tensorflow as tf
+
+from keras_resmem import residuals as residuals_lib
+from keras_resmem.api_export import keras_resmem_export
+
+
+@keras_resmem_export("keras_resmem.tuning.NeighborCache")
+class NeighborCache:
+    """The `max_k` nearest memory entries of a fixed set of queries.
+
+    Searching is the expensive part of ResMem; combining residuals is cheap.
+    The cache searches once, for the largest `k` of a sweep, and then gives the
+    ResMem prediction for any `k <= max_k`, `sigma` and `temperature` by
+    truncating the (nearest-first) neighbour lists. Neither the network nor
+    the search runs again.
+
+    Args:
+        memory: a `keras_resmem.ResidualMemory` holding a memory.
+        embeddings: `(m, ...)` the queries' embeddings.
+        scores: `(m, c)` the network's outputs on the queries.
+        max_k: the largest `k` the sweep will ask for.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras_resmem
+    >>> memory = keras_resmem.ResidualMemory(k=1)
+    >>> memory.memorize(np.eye(3), np.zeros((3, 3)), np.array([0, 1, 2]))
+    >>> cache = keras_resmem.tuning.NeighborCache(memory, np.eye(3), np.zeros((3, 3)), max_k=3)
+    >>> cache.predict(k=1, sigma=0.1, temperature=1.0).argmax(-1)
+    array([0, 1, 2])
+    """
+
+    def __init__(self, memory, embeddings, scores, max_k):
+        if not memory.built:
+            raise ValueError("`memory` holds no memory yet: call `memory.memorize(...)` first.")
+        if max_k > memory.memory_size:
+            raise ValueError(
+                f"`max_k` must be at most the memory size ({memory.memory_size}). "
+                f"Received: max_k={max_k}"
+            )
+        old_k = memory.k
+        memory.k = max_k
+        try:
+            queries = tf.reshape(tf.cast(embeddings, tf.float32), [-1, memory.key_dim])
+            ids, distances = memory._search(queries)
+        finally:
+            memory.k = old_k
+        self.task, self.from_logits, self.max_k = memory.task, memory.from_logits, max_k
+        self.scores = tf.constant(np.asarray(scores, np.float32))
+        self.ids, self.distances = ids, distances
+        self.neighbor_scores = tf.gather(memory.memory_scores, ids)
+        self.neighbor_targets = tf.gather(memory.memory_targets, ids)
+
+    def _check_k(self, k):
+        if not 1 <= k <= self.max_k:
+            raise ValueError(f"`k` must be in [1, max_k={self.max_k}]. Received: k={k}")
+
+    def predict(self, k, sigma, temperature):
+        """ResMem predictions `(m, c)` for one setting, as a NumPy array."""
+        self._check_k(k)
+        prediction, _ = residuals_lib.resmem_prediction(
+            self.scores,
+            self.neighbor_scores[:, :k],
+            self.neighbor_targets[:, :k],
+            self.distances[:, :k],
+            sigma=tf.constant(sigma, tf.float32),
+            temperature=tf.constant(temperature, tf.float32),
+            task=self.task,
+            from_logits=self.from_logits,
+        )
+        return prediction.numpy()
+
+    def knn_label_scores(self, k, sigma):
+        """A plain kNN on the labels (classification): `sum_i w_i onehot(y_i)`."""
+        self._check_k(k)
+        if self.task != "classification":
+            raise ValueError("kNN on labels needs a classification memory.")
+        weights = residuals_lib.neighbor_weights(self.distances[:, :k], sigma)
+        onehot = tf.one_hot(self.neighbor_targets[:, :k], tf.shape(self.scores)[-1])
+        return tf.einsum("mk,mkc->mc", weights, onehot).numpy()

@@ -1,0 +1,43 @@
+"""An independent NumPy implementation of ResMem, written from the paper's text.
+
+Brute force and literal on purpose: every pairwise plain L2 distance, the k
+nearest by a full sort, raw weights exp(-d / sigma) normalised by their sum,
+residuals onehot(y) - softmax(logits / T). No code is shared with the library.
+"""
+
+import numpy as np
+
+
+def softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def knn(keys, queries, k):
+    """ids and plain L2 distances of the k nearest keys, nearest first."""
+    keys, queries = np.float64(keys), np.float64(queries)
+    d = np.sqrt(((queries[:, None, :] - keys[None, :, :]) ** 2).sum(-1))
+    ids = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return ids, np.take_along_axis(d, ids, axis=1)
+
+
+def weights(distances, sigma):
+    w = np.exp(-distances / sigma)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def resmem_classification(keys, train_logits, train_labels, queries, query_logits, k, sigma, T):
+    num_classes = train_logits.shape[1]
+    residuals = np.eye(num_classes)[train_labels] - softmax(np.float64(train_logits) / T)
+    ids, d = knn(keys, queries, k)
+    w = weights(d, sigma)
+    r_knn = (w[:, :, None] * residuals[ids]).sum(axis=1)
+    return softmax(np.float64(query_logits) / T) + r_knn
+
+
+def resmem_regression(keys, train_predictions, train_targets, queries, query_predictions, k, sigma):
+    residuals = np.float64(train_targets) - train_predictions
+    ids, d = knn(keys, queries, k)
+    w = weights(d, sigma)
+    return query_predictions + (w[:, :, None] * residuals[ids]).sum(axis=1)
