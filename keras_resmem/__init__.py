@@ -7,6 +7,15 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import keras  # noqa: E402
+
+if keras.backend.backend() != "tensorflow":
+    raise ImportError(
+        "keras_resmem runs on Keras's TensorFlow backend (ScaNN's search ops are TensorFlow "
+        f"ops), but Keras was loaded with the {keras.backend.backend()!r} backend. Set "
+        "KERAS_BACKEND=tensorflow before importing keras."
+    )
+
 from keras_resmem import datasets, tuning  # noqa: E402
 from keras_resmem.attach import attach_memory  # noqa: E402
 from keras_resmem.diagnostics import Comparison, compare  # noqa: E402

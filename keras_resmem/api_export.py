@@ -9,8 +9,9 @@ def keras_resmem_export(path):
     """Marks `path` (e.g. "keras_resmem.ResidualMemory") as public API.
 
     Classes with a `get_config` (layers, models) are also registered with Keras
-    serialization under the package name `keras_resmem`. The registered name is stored in every saved `.keras`
-    file, so renaming a registered class breaks users' saved models.
+    serialization under the package name `keras_resmem`. The registered name is
+    stored in every saved `.keras` file, so renaming a registered class breaks
+    users' saved models.
     """
     if not path.startswith(PACKAGE + "."):
         raise ValueError(f"Public paths start with '{PACKAGE}.'. Received: path={path}")
@@ -19,9 +20,7 @@ def keras_resmem_export(path):
         symbol._keras_resmem_export_path = path
         if isinstance(symbol, type) and hasattr(symbol, "get_config"):
             name = path.rsplit(".", 1)[-1]
-            return keras.saving.register_keras_serializable(package=PACKAGE, name=name)(
-                symbol
-            )
+            return keras.saving.register_keras_serializable(package=PACKAGE, name=name)(symbol)
         return symbol
 
     return decorator

@@ -111,8 +111,13 @@ def _class_ids(y, num_classes, start):
             )
         return y.argmax(axis=1).astype(np.int32)
     if y.ndim != 1:
-        raise ValueError(f"Labels must be class ids (n,) or one-hot (n, c). Received shape {y.shape}")
-    if not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)))):
+        raise ValueError(
+            f"Labels must be class ids (n,) or one-hot (n, c). Received shape {y.shape}"
+        )
+    if not (
+        np.issubdtype(y.dtype, np.integer)
+        or (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)))
+    ):
         raise ValueError(f"Class ids must be integers. Received dtype {y.dtype}")
     if len(y) and (y.min() < 0 or y.max() >= num_classes):
         bad = int(np.argmax((y < 0) | (y >= num_classes)))
@@ -207,7 +212,9 @@ def attach_memory(
     if task not in residuals_lib.TASKS:
         raise ValueError(f"`task` must be one of {residuals_lib.TASKS}. Received: task={task!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive integer. Received: batch_size={batch_size!r}")
+        raise ValueError(
+            f"`batch_size` must be a positive integer. Received: batch_size={batch_size!r}"
+        )
     # Validate the hyperparameters before the (long) pass over the data.
     memory = ResidualMemory(
         k=k,
@@ -245,9 +252,7 @@ def attach_memory(
         emb, out = (t.numpy() for t in predict(x))
         y = np.asarray(y)
         if len(y) != len(out):
-            raise ValueError(
-                f"Batch {step} of `data` has {len(out)} inputs but {len(y)} labels."
-            )
+            raise ValueError(f"Batch {step} of `data` has {len(out)} inputs but {len(y)} labels.")
         _check_finite("embeddings", emb, layer_name, seen)
         _check_finite("model outputs", out, layer_name, seen)
         if task == "classification":

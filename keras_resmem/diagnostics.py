@@ -38,7 +38,7 @@ class Comparison:
         )
 
 
-def _class_ids(name, values, m=None):
+def _as_classes(name, values, m=None):
     values = np.asarray(values)
     if values.ndim == 2:
         values = values.argmax(axis=-1)
@@ -72,12 +72,12 @@ def compare(y_true, deepnet, resmem):
     >>> keras_resmem.compare([0, 1, 2, 3], [0, 1, 0, 0], [0, 0, 2, 3])
     Comparison(deepnet=50.00%, resmem=75.00%, tpr=50.00%, fpr=25.00%, gain=+25.00%, m=4)
     """
-    y_true = _class_ids("y_true", y_true)
+    y_true = _as_classes("y_true", y_true)
     m = len(y_true)
     if m == 0:
         raise ValueError("`y_true` is empty.")
-    deep_ok = _class_ids("deepnet", deepnet, m) == y_true
-    res_ok = _class_ids("resmem", resmem, m) == y_true
+    deep_ok = _as_classes("deepnet", deepnet, m) == y_true
+    res_ok = _as_classes("resmem", resmem, m) == y_true
     return Comparison(
         deepnet_accuracy=float(deep_ok.mean()),
         resmem_accuracy=float(res_ok.mean()),

@@ -118,16 +118,24 @@ class ResidualMemory(keras.layers.Layer):
                 f"`task` must be one of {residuals_lib.TASKS}. Received: task={task!r}"
             )
         if not isinstance(from_logits, bool):
-            raise ValueError(f"`from_logits` must be True or False. Received: from_logits={from_logits!r}")
+            raise ValueError(
+                f"`from_logits` must be True or False. Received: from_logits={from_logits!r}"
+            )
         if search not in search_lib.BACKENDS:
             raise ValueError(
                 f"`search` must be one of {search_lib.BACKENDS}. Received: search={search!r}"
             )
-        for name, value in (("memory_size", memory_size), ("key_dim", key_dim), ("num_outputs", num_outputs)):
+        for name, value in (
+            ("memory_size", memory_size),
+            ("key_dim", key_dim),
+            ("num_outputs", num_outputs),
+        ):
             if value is not None:
                 _check_positive_int(name, value)
         if scann_options is not None and not isinstance(scann_options, dict):
-            raise ValueError(f"`scann_options` must be a dict. Received: scann_options={scann_options!r}")
+            raise ValueError(
+                f"`scann_options` must be a dict. Received: scann_options={scann_options!r}"
+            )
         self.task = task
         self.from_logits = from_logits
         self.search = search
@@ -209,14 +217,20 @@ class ResidualMemory(keras.layers.Layer):
         if input_shape is not None:
             self._check_input_shapes(input_shape)
         n, c = self.memory_size, self.num_outputs
-        hparams = {"k": self._k_value, "sigma": self._sigma_value, "temperature": self._temperature_value}
+        hparams = {
+            "k": self._k_value,
+            "sigma": self._sigma_value,
+            "temperature": self._temperature_value,
+        }
         self.keys = self.add_weight(
             name="keys", shape=(n, self.key_dim), initializer="zeros", trainable=False
         )
         self.memory_scores = self.add_weight(
             name="memory_scores", shape=(n, c), initializer="zeros", trainable=False
         )
-        target_shape, target_dtype = ((n,), "int32") if self.task == "classification" else ((n, c), "float32")
+        target_shape, target_dtype = (
+            ((n,), "int32") if self.task == "classification" else ((n, c), "float32")
+        )
         self.memory_targets = self.add_weight(
             name="memory_targets",
             shape=target_shape,
@@ -225,7 +239,9 @@ class ResidualMemory(keras.layers.Layer):
             trainable=False,
         )
         self._hparam_vars = {
-            "k": self.add_weight(name="k", shape=(), dtype="int32", initializer="zeros", trainable=False),
+            "k": self.add_weight(
+                name="k", shape=(), dtype="int32", initializer="zeros", trainable=False
+            ),
             # float64, so that get_config() gives back exactly the value set.
             "sigma": self.add_weight(
                 name="sigma", shape=(), dtype="float64", initializer="ones", trainable=False
@@ -302,7 +318,9 @@ class ResidualMemory(keras.layers.Layer):
                 f"ResidualMemory for one of shape {shape}."
             )
         if self.k > n:
-            raise ValueError(f"`k` must be at most the memory size ({n} entries). Received: k={self.k}")
+            raise ValueError(
+                f"`k` must be at most the memory size ({n} entries). Received: k={self.k}"
+            )
         self.memory_size, self.key_dim, self.num_outputs = shape
         if not self.built:
             self.build()

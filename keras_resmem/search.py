@@ -62,17 +62,17 @@ class ExactSearch:
             return ids
 
         num_chunks = math.ceil(n / self.chunk_size)
-        padded = tf.pad(keys, [[0, num_chunks * self.chunk_size - n], [0, 0]])
-        chunks = tf.reshape(padded, [num_chunks, self.chunk_size, -1])
         m = tf.shape(queries)[0]
         best_d = tf.fill([m, k], tf.constant(np.inf, tf.float32))
         best_i = tf.fill([m, k], tf.constant(-1, tf.int32))
 
         def body(c, best_d, best_i):
-            d = chunk_distances(chunks[c])
-            ids = c * self.chunk_size + tf.range(self.chunk_size, dtype=tf.int32)
-            # The zero-padded keys past the end of the memory never win.
-            d = tf.where(ids[None, :] < n, d, np.inf)
+            # A slice of the keys, not a padded copy of them: the memory is
+            # never copied whole, however large.
+            start = c * self.chunk_size
+            chunk = keys[start : start + self.chunk_size]
+            d = chunk_distances(chunk)
+            ids = start + tf.range(tf.shape(chunk)[0], dtype=tf.int32)
             all_d = tf.concat([best_d, d], axis=1)
             all_i = tf.concat([best_i, tf.broadcast_to(ids[None, :], tf.shape(d))], axis=1)
             _, top = tf.math.top_k(-all_d, k=k)
@@ -191,8 +191,9 @@ class ScannSearch:
 
     def save(self, dir_path):
         """Writes ScaNN's index tensors as plain files (`.npy`, raw bytes)."""
-        tensors = _scann_ops().scann_to_tensors(self.handle)
-        for (name, dtype), value in zip(_SCANN_TENSORS, tensors):
+        *tensors, _dataset = _scann_ops().scann_to_tensors(self.handle)
+        # The last tensor, the float dataset, is the memory's key table: not stored twice.
+        for (name, dtype), value in zip(_SCANN_TENSORS, tensors, strict=True):
             value = value.numpy()
             if dtype == tf.string:
                 with open(os.path.join(dir_path, f"{name}.bin"), "wb") as f:
@@ -207,7 +208,9 @@ class ScannSearch:
             if dtype == tf.string:
                 path = os.path.join(dir_path, f"{name}.bin")
                 if not os.path.exists(path):
-                    raise ValueError(f"The saved ScaNN index has no '{name}' (looked in {dir_path}).")
+                    raise ValueError(
+                        f"The saved ScaNN index has no '{name}' (looked in {dir_path})."
+                    )
                 with open(path, "rb") as f:
                     tensors[name] = tf.constant([f.read()])
             else:

@@ -22,6 +22,7 @@ class NeighborCache:
         embeddings: `(m, ...)` the queries' embeddings.
         scores: `(m, c)` the network's outputs on the queries.
         max_k: the largest `k` the sweep will ask for.
+        batch_size: queries searched at once (bounds the search's memory use).
 
     Example:
 
@@ -34,7 +35,7 @@ class NeighborCache:
     array([0, 1, 2])
     """
 
-    def __init__(self, memory, embeddings, scores, max_k):
+    def __init__(self, memory, embeddings, scores, max_k, batch_size=1024):
         if not memory.built:
             raise ValueError("`memory` holds no memory yet: call `memory.memorize(...)` first.")
         if max_k > memory.memory_size:
@@ -46,9 +47,14 @@ class NeighborCache:
         memory.k = max_k
         try:
             queries = tf.reshape(tf.cast(embeddings, tf.float32), [-1, memory.key_dim])
-            ids, distances = memory._search(queries)
+            found = [
+                memory._search(queries[start : start + batch_size])
+                for start in range(0, int(queries.shape[0]), batch_size)
+            ]
         finally:
             memory.k = old_k
+        ids = tf.concat([f[0] for f in found], axis=0)
+        distances = tf.concat([f[1] for f in found], axis=0)
         self.task, self.from_logits, self.max_k = memory.task, memory.from_logits, max_k
         self.scores = tf.constant(np.asarray(scores, np.float32))
         self.ids, self.distances = ids, distances

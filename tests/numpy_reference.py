@@ -27,13 +27,15 @@ def weights(distances, sigma):
     return w / w.sum(axis=1, keepdims=True)
 
 
-def resmem_classification(keys, train_logits, train_labels, queries, query_logits, k, sigma, T):
+def resmem_classification(
+    keys, train_logits, train_labels, queries, query_logits, k, sigma, temperature
+):
     num_classes = train_logits.shape[1]
-    residuals = np.eye(num_classes)[train_labels] - softmax(np.float64(train_logits) / T)
+    residuals = np.eye(num_classes)[train_labels] - softmax(np.float64(train_logits) / temperature)
     ids, d = knn(keys, queries, k)
     w = weights(d, sigma)
     r_knn = (w[:, :, None] * residuals[ids]).sum(axis=1)
-    return softmax(np.float64(query_logits) / T) + r_knn
+    return softmax(np.float64(query_logits) / temperature) + r_knn
 
 
 def resmem_regression(keys, train_predictions, train_targets, queries, query_predictions, k, sigma):

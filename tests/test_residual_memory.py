@@ -22,14 +22,18 @@ def make_queries(rng, m=50, d=6, c=4):
     return rng.normal(size=(m, d)).astype("float32"), rng.normal(size=(m, c)).astype("float32")
 
 
-@pytest.mark.parametrize("k,sigma,T", [(1, 0.5, 1.0), (7, 0.7, 1.4), (50, 2.0, 0.5), (400, 1.0, 3.0)])
-def test_classification_matches_numpy_reference(rng, k, sigma, T):
+@pytest.mark.parametrize(
+    "k,sigma,temperature", [(1, 0.5, 1.0), (7, 0.7, 1.4), (50, 2.0, 0.5), (400, 1.0, 3.0)]
+)
+def test_classification_matches_numpy_reference(rng, k, sigma, temperature):
     keys, logits, labels = make_memory_data(rng)
     queries, query_logits = make_queries(rng)
-    memory = keras_resmem.ResidualMemory(k=k, sigma=sigma, temperature=T, search="exact")
+    memory = keras_resmem.ResidualMemory(k=k, sigma=sigma, temperature=temperature, search="exact")
     memory.memorize(keys, logits, labels)
     got = memory([queries, query_logits]).numpy()
-    want = ref.resmem_classification(keys, logits, labels, queries, query_logits, k, sigma, T)
+    want = ref.resmem_classification(
+        keys, logits, labels, queries, query_logits, k, sigma, temperature
+    )
     np.testing.assert_allclose(got, want, atol=2e-5)
 
 
@@ -149,7 +153,7 @@ def test_scann_backend_recall_and_agreement_with_exact(rng):
     assert scann.search_backend == "scann"
     exact_ids = exact.neighbors(queries)[0].numpy()
     scann_ids = scann.neighbors(queries)[0].numpy()
-    recall = np.mean([len(set(a) & set(b)) / 50 for a, b in zip(exact_ids, scann_ids)])
+    recall = np.mean([len(set(a) & set(b)) / 50 for a, b in zip(exact_ids, scann_ids, strict=True)])
     print(f"ScaNN recall@50 against exact search: {recall:.4f}")
     assert recall >= 0.95
     agree = (
@@ -230,7 +234,9 @@ def test_bad_arguments_raise_clear_errors(kwargs, match):
 
 def test_memorize_rejects_bad_memories(rng):
     keys, logits, labels = make_memory_data(rng, n=20)
-    with pytest.raises(ValueError, match="at most the memory size \\(20 entries\\). Received: k=21"):
+    with pytest.raises(
+        ValueError, match="at most the memory size \\(20 entries\\). Received: k=21"
+    ):
         keras_resmem.ResidualMemory(k=21).memorize(keys, logits, labels)
     bad = keys.copy()
     bad[7, 2] = np.nan

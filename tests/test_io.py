@@ -1,0 +1,40 @@
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import keras_resmem
+from keras_resmem import _io
+
+
+def small_model(rng):
+    memory = keras_resmem.ResidualMemory(k=2)
+    memory.memorize(rng.normal(size=(20, 3)), rng.normal(size=(20, 2)), rng.integers(0, 2, 20))
+    a, b = keras.Input((3,)), keras.Input((2,))
+    return keras.Model([a, b], memory([a, b])), memory
+
+
+def test_failed_save_leaves_the_previous_file_intact(rng, tmp_path, monkeypatch):
+    model, memory = small_model(rng)
+    path = tmp_path / "model.keras"
+    _io.save_model(model, path)
+    good = path.read_bytes()
+
+    def broken(dir_path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(memory, "save_assets", broken)
+    with pytest.raises(OSError, match="disk full"):
+        _io.save_model(model, path)
+    assert path.read_bytes() == good
+    assert os.listdir(tmp_path) == ["model.keras"]  # no temporary file left behind
+    keras.models.load_model(path)
+
+
+def test_atomic_path_writes_on_success(tmp_path):
+    target = tmp_path / "sub" / "out.txt"
+    with _io.atomic_path(target) as tmp, open(tmp, "w") as f:
+        f.write("done")
+    assert target.read_text() == "done"
+    assert np.array_equal(sorted(os.listdir(target.parent)), ["out.txt"])
