@@ -1,4 +1,8 @@
-"""Cheap hyperparameter sweeps: neighbours searched once, reused for every (k, sigma, T)."""
+"""Cheap hyperparameter sweeps: neighbours searched once, reused for every (k, sigma, T).
+
+`NeighborCache` does the caching; `ResMemTuner` (which needs Keras Tuner,
+imported on first use) runs Keras Tuner searches over it.
+"""
 
 import numpy as np
 import tensorflow as tf
@@ -88,3 +92,47 @@ class NeighborCache:
         weights = residuals_lib.neighbor_weights(self.distances[:, :k], sigma)
         onehot = tf.one_hot(self.neighbor_targets[:, :k], tf.shape(self.scores)[-1])
         return tf.einsum("mk,mkc->mc", weights, onehot).numpy()
+
+
+OBJECTIVES = ("val_accuracy", "val_gain", "val_tpr_at_fpr")
+
+
+def constrained_tpr(tpr, fpr, fpr_bound):
+    """The paper's conservative objective as one number to maximise.
+
+    `tpr` where `fpr < fpr_bound`; otherwise `-fpr`, which is negative and so
+    ranks every setting that breaks the bound below every one that keeps it
+    (and, among those that break it, the smaller FPR first). Such a trial is
+    ranked, not failed.
+    """
+    return tpr if fpr < fpr_bound else -fpr
+
+
+def trial_metrics(y_true, deepnet_correct, resmem_scores, fpr_bound):
+    """A trial's validation metrics from ResMem scores and DeepNet's correctness."""
+    resmem_correct = resmem_scores.argmax(-1) == y_true
+    tpr = float((~deepnet_correct & resmem_correct).mean())
+    fpr = float((deepnet_correct & ~resmem_correct).mean())
+    return {
+        "val_accuracy": float(resmem_correct.mean()),
+        "val_gain": tpr - fpr,
+        "val_tpr": tpr,
+        "val_fpr": fpr,
+        "val_tpr_at_fpr": constrained_tpr(tpr, fpr, fpr_bound),
+    }
+
+
+def __getattr__(name):
+    # Keras Tuner is an optional dependency: imported on first use of the tuner.
+    if name == "ResMemTuner":
+        try:
+            from keras_resmem._tuner import ResMemTuner
+        except ImportError as e:
+            if "keras_tuner" not in str(e):
+                raise
+            raise ImportError(
+                "keras_resmem.tuning.ResMemTuner needs Keras Tuner: `pip install keras-tuner` "
+                "(or `pip install 'keras-resmem[tuning]'`)."
+            ) from e
+        return ResMemTuner
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

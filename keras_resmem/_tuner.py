@@ -1,0 +1,200 @@
+"""`ResMemTuner`, public as `keras_resmem.tuning.ResMemTuner`: Keras Tuner over a memory."""
+
+import os
+
+import keras
+import keras_tuner
+import numpy as np
+import tensorflow as tf
+
+from keras_resmem.api_export import keras_resmem_export
+from keras_resmem.tuning import OBJECTIVES, NeighborCache, trial_metrics
+
+
+def _largest_value(hp):
+    config = hp.get_config()
+    if config.get("values"):
+        return max(config["values"])
+    if "max_value" in config:
+        return config["max_value"]
+    return config["value"]  # Fixed
+
+
+@keras_resmem_export("keras_resmem.tuning.ResMemTuner")
+class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
+    """Keras Tuner sweeps of a ResMem memory's `k`, `sigma` and `temperature`.
+
+    A `keras_tuner` tuner whose trials are settings of a memory that is
+    already built: the network runs once over the validation set, and the
+    memory is searched once for the largest `k` of the space; each trial only
+    recombines the cached neighbours' residuals. Any Keras Tuner oracle
+    (random, grid, Bayesian) can drive it. Trials report `val_accuracy`,
+    `val_gain` (ResMem minus DeepNet), `val_tpr`, `val_fpr` and
+    `val_tpr_at_fpr`: the TPR where FPR < `fpr_bound`, and `-FPR` otherwise,
+    so a setting that breaks the bound ranks below every one that keeps it
+    without failing. With `tensorboard=True` each trial is logged for the
+    TensorBoard HParams dashboard under `<project_dir>/tensorboard`.
+
+    Args:
+        model: the model returned by `keras_resmem.attach_memory`.
+        validation_data: `(x_val, y_val)`, carved from the training data;
+            `y_val` integer class ids.
+        objective: with no `oracle`: `"val_accuracy"`, `"val_gain"` or
+            `"val_tpr_at_fpr"`.
+        fpr_bound: the FPR bound of `val_tpr_at_fpr` (the paper's 0.05).
+        oracle: a `keras_tuner` oracle; its objective names one of the metrics
+            above with `direction="max"`. Default: random search.
+        max_trials, seed: of the default random-search oracle.
+        hyperparameters: a `keras_tuner.HyperParameters` with `k`, `sigma`,
+            `temperature`; default `default_hyperparameters()`.
+        memory_layer: the name of the `ResidualMemory` layer in `model`.
+        batch_size: batch size of the one pass over the validation set.
+        tensorboard: whether to write HParams logs.
+        directory, project_name, overwrite: as for every Keras Tuner tuner;
+            a search with `overwrite=False` resumes where it stopped.
+
+    Example:
+
+    >>> import keras, keras_tuner, numpy as np
+    >>> import keras_resmem
+    >>> inputs = keras.Input((4,))
+    >>> h = keras.layers.Dense(8, activation="relu", name="pre_logits")(inputs)
+    >>> base = keras.Model(inputs, keras.layers.Dense(3)(h))
+    >>> rng = np.random.default_rng(0)
+    >>> x, y = rng.normal(size=(300, 4)).astype("float32"), rng.integers(0, 3, 300)
+    >>> model = keras_resmem.attach_memory(base, "pre_logits", (x[:200], y[:200]), verbose=0)
+    >>> import tempfile
+    >>> tuner = keras_resmem.tuning.ResMemTuner(
+    ...     model, (x[200:], y[200:]), objective="val_tpr_at_fpr", max_trials=5,
+    ...     directory=tempfile.mkdtemp(), tensorboard=False)
+    >>> tuner.search(verbose=0)
+    >>> best = tuner.get_best_hyperparameters()[0].values
+    >>> sorted(best)
+    ['k', 'sigma', 'temperature']
+    """
+
+    def __init__(
+        self,
+        model,
+        validation_data,
+        *,
+        objective="val_accuracy",
+        fpr_bound=0.05,
+        oracle=None,
+        max_trials=100,
+        hyperparameters=None,
+        seed=None,
+        memory_layer="residual_memory",
+        batch_size=1024,
+        tensorboard=True,
+        directory=None,
+        project_name=None,
+        overwrite=False,
+    ):
+        try:
+            self.memory = model.get_layer(memory_layer)
+        except ValueError:
+            raise ValueError(
+                f"`model` has no layer {memory_layer!r}; pass the model returned by "
+                "`keras_resmem.attach_memory`, or name its ResidualMemory layer with "
+                f"`memory_layer`. Layers: {[layer.name for layer in model.layers]}"
+            ) from None
+        if not (isinstance(fpr_bound, float | int) and 0 < fpr_bound <= 1):
+            raise ValueError(f"`fpr_bound` must be in (0, 1]. Received: fpr_bound={fpr_bound!r}")
+        if oracle is None:
+            if objective not in OBJECTIVES:
+                raise ValueError(
+                    f"`objective` must be one of {OBJECTIVES}. Received: objective={objective!r}"
+                )
+            oracle = keras_tuner.oracles.RandomSearchOracle(
+                objective=keras_tuner.Objective(objective, direction="max"),
+                max_trials=max_trials,
+                seed=seed,
+            )
+        self.model = model
+        self.validation_data = validation_data
+        self.fpr_bound = float(fpr_bound)
+        self.batch_size = batch_size
+        self.tensorboard = tensorboard
+        self._cache = None
+        super().__init__(
+            oracle,
+            directory=directory,
+            project_name=project_name or "resmem",
+            overwrite=overwrite,
+        )
+        space = hyperparameters or self.default_hyperparameters()
+        missing = {"k", "sigma", "temperature"} - {hp.name for hp in space.space}
+        if missing:
+            raise ValueError(
+                f"`hyperparameters` must define k, sigma and temperature; missing {missing}."
+            )
+        self.oracle.update_space(space)
+
+    def default_hyperparameters(self):
+        """k in [1, 200] and sigma, T on log scales; sigma around the memory's spacing."""
+        hp = keras_tuner.HyperParameters()
+        scale = self._distance_scale()
+        hp.Int("k", 1, min(200, self.memory.memory_size), sampling="log")
+        hp.Float("sigma", scale / 20, scale * 20, sampling="log")
+        hp.Float("temperature", 0.1, 5.0, sampling="log")
+        return hp
+
+    def _distance_scale(self):
+        """Median distance from a memory entry to its nearest other entry."""
+        keys = self.memory.keys.numpy()
+        sample = keys[np.random.default_rng(0).permutation(len(keys))[:256]]
+        old_k = self.memory.k
+        self.memory.k = min(2, self.memory.memory_size)
+        try:
+            _, distances, _ = self.memory.neighbors(sample)
+        finally:
+            self.memory.k = old_k
+        scale = float(np.median(distances.numpy()[:, -1]))
+        return scale if scale > 0 else 1.0
+
+    def on_search_begin(self):
+        super().on_search_begin()
+        if self._cache is not None:
+            return
+        x_val, y_val = self.validation_data
+        features = keras.Model(self.model.inputs, self.memory.input)
+        embeddings, scores = features.predict(x_val, batch_size=self.batch_size, verbose=0)
+        k_space = next(hp for hp in self.oracle.get_space().space if hp.name == "k")
+        max_k = int(_largest_value(k_space))
+        self._cache = NeighborCache(
+            self.memory, embeddings, scores, max_k, batch_size=self.batch_size
+        )
+        self._y_val = np.asarray(y_val).reshape(-1)
+        self._deepnet_correct = scores.argmax(-1) == self._y_val
+
+    def run_trial(self, trial, *args, **kwargs):
+        hp = trial.hyperparameters
+        scores = self._cache.predict(hp["k"], hp["sigma"], hp["temperature"])
+        metrics = trial_metrics(self._y_val, self._deepnet_correct, scores, self.fpr_bound)
+        if self.tensorboard:
+            self._log_tensorboard(trial, metrics)
+        return metrics
+
+    def _log_tensorboard(self, trial, metrics):
+        from tensorboard.plugins.hparams import api as hparams_api
+
+        log_dir = os.path.join(self.project_dir, "tensorboard", f"trial_{trial.trial_id}")
+        with tf.summary.create_file_writer(log_dir).as_default():
+            hparams_api.hparams(dict(trial.hyperparameters.values), trial_id=trial.trial_id)
+            for name, value in metrics.items():
+                tf.summary.scalar(name, value, step=0)
+
+    def save_model(self, trial_id, model, step=0):
+        pass  # a trial is three numbers; the model never changes
+
+    def load_model(self, trial):
+        """The model, with the memory set to the trial's k, sigma and T."""
+        values = trial.hyperparameters.values
+        self.memory.k = values["k"]
+        self.memory.sigma = values["sigma"]
+        self.memory.temperature = values["temperature"]
+        return self.model
+
+
+ResMemTuner.__module__ = "keras_resmem.tuning"

@@ -1,0 +1,122 @@
+import keras
+import keras_tuner
+import numpy as np
+import pytest
+
+import keras_resmem
+from keras_resmem import tuning
+
+
+def test_trial_metrics_against_hand_computed_counts():
+    y = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    deepnet = np.array([0, 1, 2, 0, 0, 0, 0, 0, 0, 0])  # right on 0-3, 6, 9
+    resmem = np.array([0, 1, 0, 0, 1, 2, 0, 0, 0, 0])  # fixes 4, 5; breaks 2
+    metrics = tuning.trial_metrics(y, deepnet == y, np.eye(3)[resmem], fpr_bound=0.05)
+    assert metrics["val_tpr"] == pytest.approx(0.2)
+    assert metrics["val_fpr"] == pytest.approx(0.1)
+    assert metrics["val_gain"] == pytest.approx(0.1)
+    assert metrics["val_accuracy"] == pytest.approx(0.7)
+    assert metrics["val_tpr_at_fpr"] == pytest.approx(-0.1)  # 0.1 >= 0.05 breaks the bound
+    relaxed = tuning.trial_metrics(y, deepnet == y, np.eye(3)[resmem], fpr_bound=0.2)
+    assert relaxed["val_tpr_at_fpr"] == pytest.approx(0.2)
+
+
+def test_constrained_objective_orders_every_bound_breaker_last():
+    keeps = [tuning.constrained_tpr(t, f, 0.05) for t, f in [(0.0, 0.0), (0.01, 0.049)]]
+    breaks = [tuning.constrained_tpr(t, f, 0.05) for t, f in [(0.9, 0.05), (0.5, 0.5)]]
+    assert min(keeps) > max(breaks)
+    assert breaks[0] > breaks[1]  # among breakers, the smaller FPR first
+
+
+def memory_model(rng, n=300):
+    x = rng.normal(size=(n, 4)).astype("float32")
+    y = (x[:, 0] > 0).astype(int) + (x[:, 1] > 0)
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(6, activation="tanh", name="pre_logits")(inputs)
+    base = keras.Model(inputs, keras.layers.Dense(3)(h))
+    base.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    base.fit(x, y, epochs=30, verbose=0)
+    # Memorize noisy labels, so that a sharp memory breaks what DeepNet gets right.
+    noisy = np.where(rng.random(n) < 0.4, rng.integers(0, 3, n), y)
+    model = keras_resmem.attach_memory(base, "pre_logits", (x, noisy), verbose=0)
+    x_val = rng.normal(size=(200, 4)).astype("float32")
+    y_val = (x_val[:, 0] > 0).astype(int) + (x_val[:, 1] > 0)
+    return model, (x_val, y_val)
+
+
+def test_bound_breaking_trial_ranks_last_and_is_not_failed(rng, tmp_path):
+    model, val = memory_model(rng)
+    hp = keras_tuner.HyperParameters()
+    hp.Choice("k", [1, 100])
+    hp.Fixed("sigma", 100.0)  # uniform weights: k=100 averages the noise away, k=1 copies it
+    hp.Fixed("temperature", 1.0)
+    oracle = keras_tuner.oracles.GridSearchOracle(
+        objective=keras_tuner.Objective("val_tpr_at_fpr", direction="max"), max_trials=10
+    )
+    tuner = keras_resmem.tuning.ResMemTuner(
+        model, val, oracle=oracle, hyperparameters=hp, directory=tmp_path, tensorboard=False
+    )
+    tuner.search(verbose=0)
+    trials = tuner.oracle.get_best_trials(2)
+    assert [t.status for t in trials] == ["COMPLETED", "COMPLETED"]
+    fprs = [t.metrics.get_last_value("val_fpr") for t in trials]
+    assert fprs[0] < 0.05 <= fprs[1]  # the noisy 1-NN memory breaks the bound, ranks last
+    assert trials[1].hyperparameters.values["k"] == 1
+    assert trials[1].score == pytest.approx(-fprs[1])
+
+
+def test_search_resumes_after_interruption(rng, tmp_path):
+    model, val = memory_model(rng)
+    kwargs = {"directory": tmp_path, "project_name": "sweep", "seed": 3, "tensorboard": False}
+    first = keras_resmem.tuning.ResMemTuner(model, val, max_trials=4, **kwargs)
+    first.search(verbose=0)
+    done = set(first.oracle.trials)
+    assert len(done) == 4
+
+    # A new process would build a new tuner over the same directory.
+    resumed = keras_resmem.tuning.ResMemTuner(model, val, max_trials=7, **kwargs)
+    calls = []
+    run_trial = resumed.run_trial
+    resumed.run_trial = lambda trial, *a, **k: calls.append(trial.trial_id) or run_trial(trial)
+    resumed.search(verbose=0)
+    assert len(resumed.oracle.trials) == 7
+    assert len(calls) == 3 and not done & set(calls)
+
+
+@pytest.mark.parametrize("oracle_cls", ["RandomSearchOracle", "BayesianOptimizationOracle"])
+def test_any_oracle_drives_the_tuner_and_best_model_gets_best_values(rng, tmp_path, oracle_cls):
+    model, val = memory_model(rng)
+    oracle = getattr(keras_tuner.oracles, oracle_cls)(
+        objective=keras_tuner.Objective("val_accuracy", direction="max"), max_trials=6, seed=1
+    )
+    tuner = keras_resmem.tuning.ResMemTuner(model, val, oracle=oracle, directory=tmp_path)
+    tuner.search(verbose=0)
+    best_hp = tuner.get_best_hyperparameters()[0].values
+    best = tuner.get_best_models()[0]
+    memory = best.get_layer("residual_memory")
+    assert (memory.k, memory.sigma) == (best_hp["k"], pytest.approx(best_hp["sigma"]))
+    accuracy = (best.predict(val[0], verbose=0).argmax(-1) == val[1]).mean()
+    best_trial = tuner.oracle.get_best_trials(1)[0]
+    assert accuracy == pytest.approx(best_trial.metrics.get_last_value("val_accuracy"), abs=1e-9)
+    assert list((tmp_path / "resmem" / "tensorboard").glob("trial_*/events.out.tfevents.*"))
+
+
+def test_neighbor_cache_equals_the_layer(rng):
+    model, (x_val, _) = memory_model(rng)
+    memory = model.get_layer("residual_memory")
+    features = keras.Model(model.inputs, memory.input)
+    cache = tuning.NeighborCache(memory, *features.predict(x_val, verbose=0), max_k=40)
+    memory.k, memory.sigma, memory.temperature = 17, 0.3, 2.2
+    np.testing.assert_allclose(
+        cache.predict(17, 0.3, 2.2), model.predict(x_val, verbose=0), atol=1e-5
+    )
+
+
+def test_bad_tuner_arguments(rng, tmp_path):
+    model, val = memory_model(rng)
+    with pytest.raises(ValueError, match="`objective` must be one of"):
+        keras_resmem.tuning.ResMemTuner(model, val, objective="loss", directory=tmp_path)
+    with pytest.raises(ValueError, match="`fpr_bound` must be in"):
+        keras_resmem.tuning.ResMemTuner(model, val, fpr_bound=5, directory=tmp_path)
+    with pytest.raises(ValueError, match="has no layer 'memory'"):
+        keras_resmem.tuning.ResMemTuner(model, val, memory_layer="memory", directory=tmp_path)
