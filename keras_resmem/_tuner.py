@@ -195,6 +195,3 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
         self.memory.sigma = values["sigma"]
         self.memory.temperature = values["temperature"]
         return self.model
-
-
-ResMemTuner.__module__ = "keras_resmem.tuning"
