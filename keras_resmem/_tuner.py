@@ -142,8 +142,9 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
 
     def _distance_scale(self):
         """Median distance from a memory entry to its nearest other entry."""
-        keys = self.memory.keys.numpy()
-        sample = keys[np.random.default_rng(0).permutation(len(keys))[:256]]
+        n = self.memory.memory_size
+        ids = np.random.default_rng(0).permutation(n)[:256]
+        sample = tf.gather(self.memory.keys, ids)  # 256 rows, not a copy of the table
         old_k = self.memory.k
         self.memory.k = min(2, self.memory.memory_size)
         try:
@@ -166,12 +167,12 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
             self.memory, embeddings, scores, max_k, batch_size=self.batch_size
         )
         self._y_val = np.asarray(y_val).reshape(-1)
-        self._deepnet_correct = scores.argmax(-1) == self._y_val
+        self._deepnet_classes = scores.argmax(-1)
 
     def run_trial(self, trial, *args, **kwargs):
         hp = trial.hyperparameters
         scores = self._cache.predict(hp["k"], hp["sigma"], hp["temperature"])
-        metrics = trial_metrics(self._y_val, self._deepnet_correct, scores, self.fpr_bound)
+        metrics = trial_metrics(self._y_val, self._deepnet_classes, scores, self.fpr_bound)
         if self.tensorboard:
             self._log_tensorboard(trial, metrics)
         return metrics

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from keras_resmem import residuals as residuals_lib
 from keras_resmem.api_export import keras_resmem_export
+from keras_resmem.diagnostics import compare
 
 
 @keras_resmem_export("keras_resmem.tuning.NeighborCache")
@@ -108,17 +109,15 @@ def constrained_tpr(tpr, fpr, fpr_bound):
     return tpr if fpr < fpr_bound else -fpr
 
 
-def trial_metrics(y_true, deepnet_correct, resmem_scores, fpr_bound):
-    """A trial's validation metrics from ResMem scores and DeepNet's correctness."""
-    resmem_correct = resmem_scores.argmax(-1) == y_true
-    tpr = float((~deepnet_correct & resmem_correct).mean())
-    fpr = float((deepnet_correct & ~resmem_correct).mean())
+def trial_metrics(y_true, deepnet, resmem_scores, fpr_bound):
+    """A trial's validation metrics, from `keras_resmem.compare` of the two predictions."""
+    c = compare(y_true, deepnet, resmem_scores)
     return {
-        "val_accuracy": float(resmem_correct.mean()),
-        "val_gain": tpr - fpr,
-        "val_tpr": tpr,
-        "val_fpr": fpr,
-        "val_tpr_at_fpr": constrained_tpr(tpr, fpr, fpr_bound),
+        "val_accuracy": c.resmem_accuracy,
+        "val_gain": c.gain,
+        "val_tpr": c.tpr,
+        "val_fpr": c.fpr,
+        "val_tpr_at_fpr": constrained_tpr(c.tpr, c.fpr, fpr_bound),
     }
 
 

@@ -11,13 +11,13 @@ def test_trial_metrics_against_hand_computed_counts():
     y = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
     deepnet = np.array([0, 1, 2, 0, 0, 0, 0, 0, 0, 0])  # right on 0-3, 6, 9
     resmem = np.array([0, 1, 0, 0, 1, 2, 0, 0, 0, 0])  # fixes 4, 5; breaks 2
-    metrics = tuning.trial_metrics(y, deepnet == y, np.eye(3)[resmem], fpr_bound=0.05)
+    metrics = tuning.trial_metrics(y, deepnet, np.eye(3)[resmem], fpr_bound=0.05)
     assert metrics["val_tpr"] == pytest.approx(0.2)
     assert metrics["val_fpr"] == pytest.approx(0.1)
     assert metrics["val_gain"] == pytest.approx(0.1)
     assert metrics["val_accuracy"] == pytest.approx(0.7)
     assert metrics["val_tpr_at_fpr"] == pytest.approx(-0.1)  # 0.1 >= 0.05 breaks the bound
-    relaxed = tuning.trial_metrics(y, deepnet == y, np.eye(3)[resmem], fpr_bound=0.2)
+    relaxed = tuning.trial_metrics(y, deepnet, np.eye(3)[resmem], fpr_bound=0.2)
     assert relaxed["val_tpr_at_fpr"] == pytest.approx(0.2)
 
 
