@@ -19,6 +19,7 @@ if keras.backend.backend() != "tensorflow":
 from keras_resmem import datasets, tuning  # noqa: E402
 from keras_resmem.attach import attach_memory  # noqa: E402
 from keras_resmem.diagnostics import Comparison, compare  # noqa: E402
+from keras_resmem.export import export_saved_model  # noqa: E402
 from keras_resmem.residual_memory import ResidualMemory  # noqa: E402
 from keras_resmem.version import __version__  # noqa: E402
 
@@ -29,5 +30,6 @@ __all__ = [
     "attach_memory",
     "compare",
     "datasets",
+    "export_saved_model",
     "tuning",
 ]

@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import shutil
 import tempfile
 
 
@@ -32,3 +33,39 @@ def save_model(model, path):
     """`model.save(path)`, but written atomically (Keras truncates `path` first)."""
     with atomic_path(path) as tmp:
         model.save(tmp)
+
+
+@contextlib.contextmanager
+def atomic_directory(path, overwrite=False):
+    """Yields a temporary directory beside `path`; moves it onto `path` on success.
+
+    A reader never sees a half-written directory at `path`: on any exception
+    the temporary directory is removed and `path` is untouched. When `path`
+    exists and `overwrite` is true, the old directory is moved aside, the new
+    one renamed in, and only then is the old one deleted.
+
+    Raises:
+        FileExistsError: `path` exists and `overwrite` is false.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists. Pass overwrite=True to replace it.")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+    try:
+        yield tmp
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(dir=parent, prefix=".old-")
+            os.rmdir(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            if os.path.isdir(old):
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.remove(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

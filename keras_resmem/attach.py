@@ -152,6 +152,7 @@ def attach_memory(
     batch_size=256,
     from_logits=None,
     scann_options=None,
+    ivf_options=None,
     verbose=1,
     name=None,
 ):
@@ -176,11 +177,14 @@ def attach_memory(
         sigma: the distance scale of the neighbour weights.
         temperature: the softmax temperature `T` (classification).
         task: `"classification"` or `"regression"`.
-        search: `"auto"`, `"exact"` or `"scann"`; see `ResidualMemory`.
+        search: `"auto"`, `"exact"`, `"ivf"` or `"scann"`; see `ResidualMemory`.
+            For a SavedModel that stock TensorFlow Serving can load, use
+            `"exact"` or `"ivf"` (see `keras_resmem.export_saved_model`).
         batch_size: batch size for arrays and unbatched datasets.
         from_logits: whether the model outputs logits. `None` detects it: a
             model whose last layer applies a softmax outputs probabilities.
         scann_options: ScaNN settings; see `ResidualMemory`.
+        ivf_options: IVF settings; see `ResidualMemory`.
         verbose: 1 shows a progress bar, 0 is silent.
         name: the new model's name; default `"<model name>_resmem"`.
 
@@ -224,6 +228,7 @@ def attach_memory(
         search=search,
         from_logits=True,
         scann_options=scann_options,
+        ivf_options=ivf_options,
         name="residual_memory",
     )
     embedding = _embedding_tensor(model, layer_name)

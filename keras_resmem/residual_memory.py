@@ -59,8 +59,11 @@ class ResidualMemory(keras.layers.Layer):
         task: `"classification"` or `"regression"`.
         from_logits: classification only: whether `scores` are logits (`True`)
             or softmax probabilities (`False`).
-        search: the neighbour search backend: `"exact"` (stock TensorFlow ops),
-            `"scann"`, or `"auto"` (exact below 200,000 entries, else ScaNN).
+        search: the neighbour search backend: `"exact"` (stock TensorFlow
+            ops), `"ivf"` (approximate, an inverted-file index in stock
+            TensorFlow ops: runs on stock TensorFlow Serving), `"scann"`
+            (approximate, ScaNN's custom ops), or `"auto"` (exact below 200,000
+            entries, else ScaNN).
         memory_size, key_dim, num_outputs: the memory's shape. Set by
             `memorize`; given only when re-creating a layer from its config.
         chunk_size: exact search scores this many memory entries at once,
@@ -68,6 +71,9 @@ class ResidualMemory(keras.layers.Layer):
         scann_options: overrides of the ScaNN settings (`num_leaves`,
             `num_leaves_to_search`, `training_sample_size`,
             `dimensions_per_block`, `reorder`, `brute_force`).
+        ivf_options: overrides of the IVF settings (`num_partitions`,
+            `num_probes`, `training_sample_size`, `iterations`, `seed`); see
+            `keras_resmem.search.default_ivf_options`.
         **kwargs: base layer keyword arguments, such as `name`.
 
     Call arguments:
@@ -110,6 +116,7 @@ class ResidualMemory(keras.layers.Layer):
         num_outputs=None,
         chunk_size=16384,
         scann_options=None,
+        ivf_options=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -144,6 +151,13 @@ class ResidualMemory(keras.layers.Layer):
         self.num_outputs = None if num_outputs is None else int(num_outputs)
         self.chunk_size = _check_positive_int("chunk_size", chunk_size)
         self.scann_options = dict(scann_options) if scann_options else None
+        if ivf_options is not None and not isinstance(ivf_options, dict):
+            raise ValueError(
+                f"`ivf_options` must be a dict. Received: ivf_options={ivf_options!r}"
+            )
+        # Unknown names and bad values fail now, not after a pass over the data.
+        search_lib.resolve_ivf_options(1, ivf_options)
+        self.ivf_options = dict(ivf_options) if ivf_options else None
         self._hparam_vars = None
         self._searcher = None
         self.k = k
@@ -202,8 +216,37 @@ class ResidualMemory(keras.layers.Layer):
         self._set_hparam("temperature", _check_positive_float("temperature", value))
 
     @property
+    def num_probes(self):
+        """IVF search only: the number of partitions probed per query.
+
+        More probes find more of the true neighbours and cost more time. Can
+        be changed at any time, like `k`.
+        """
+        if self.search_backend != "ivf":
+            return None
+        if self._hparam_vars is None:
+            return self._ivf_options_in_use()["num_probes"]
+        return int(self._hparam_vars["num_probes"].numpy())
+
+    @num_probes.setter
+    def num_probes(self, value):
+        if self.search_backend != "ivf":
+            raise ValueError(
+                "`num_probes` applies to the 'ivf' search backend only; this memory uses "
+                f"search={self.search_backend!r}."
+            )
+        value = _check_positive_int("num_probes", value)
+        if self._hparam_vars is None:
+            self.ivf_options = {**(self.ivf_options or {}), "num_probes": value}
+        else:
+            self._hparam_vars["num_probes"].assign(value)
+
+    def _ivf_options_in_use(self):
+        return search_lib.resolve_ivf_options(self.memory_size, self.ivf_options)
+
+    @property
     def search_backend(self):
-        """The backend in use: `"exact"` or `"scann"` (`"auto"` resolved)."""
+        """The backend in use: `"exact"`, `"ivf"` or `"scann"` (`"auto"` resolved)."""
         if self.memory_size is None:
             return None
         return search_lib.resolve_backend(self.search, self.memory_size)
@@ -254,7 +297,36 @@ class ResidualMemory(keras.layers.Layer):
             self._hparam_vars[name].assign(value)
         if self.search_backend == "exact":
             self._searcher = search_lib.ExactSearch(self.keys, self.chunk_size)
+        elif self.search_backend == "ivf":
+            self._build_ivf()
         self.built = True
+
+    def _build_ivf(self):
+        opts = self._ivf_options_in_use()
+        p = opts["num_partitions"]
+        self.ivf_centroids = self.add_weight(
+            name="ivf_centroids", shape=(p, self.key_dim), initializer="zeros", trainable=False
+        )
+        self.ivf_offsets = self.add_weight(
+            name="ivf_offsets", shape=(p + 1,), dtype="int32", initializer="zeros",
+            trainable=False,
+        )
+        self.ivf_ids = self.add_weight(
+            name="ivf_ids", shape=(self.memory_size,), dtype="int32", initializer="zeros",
+            trainable=False,
+        )
+        self._hparam_vars["num_probes"] = self.add_weight(
+            name="num_probes", shape=(), dtype="int32", initializer="zeros", trainable=False
+        )
+        self._hparam_vars["num_probes"].assign(opts["num_probes"])
+        self._searcher = search_lib.IVFSearch(
+            self.keys,
+            self.ivf_centroids,
+            self.ivf_offsets,
+            self.ivf_ids,
+            self._hparam_vars["num_probes"],
+            chunk_size=self.chunk_size,
+        )
 
     def _check_input_shapes(self, input_shape):
         if not (isinstance(input_shape, (list, tuple)) and len(input_shape) == 2) or not all(
@@ -329,6 +401,11 @@ class ResidualMemory(keras.layers.Layer):
         self.memory_targets.assign(targets)
         if self.search_backend == "scann":
             self._searcher = search_lib.ScannSearch.build(embeddings, self.scann_options)
+        elif self.search_backend == "ivf":
+            centroids, offsets, ids = search_lib.train_ivf(embeddings, self._ivf_options_in_use())
+            self.ivf_centroids.assign(centroids)
+            self.ivf_offsets.assign(offsets)
+            self.ivf_ids.assign(ids)
 
     def _check_targets(self, targets, n, c):
         if len(targets) != n:
@@ -469,6 +546,7 @@ class ResidualMemory(keras.layers.Layer):
                 "num_outputs": self.num_outputs,
                 "chunk_size": self.chunk_size,
                 "scann_options": self.scann_options,
+                "ivf_options": self.ivf_options,
             }
         )
         return config

@@ -180,7 +180,7 @@ def _memory_model(rng, search):
     return keras.Model([emb_in, logit_in], memory([emb_in, logit_in]))
 
 
-@pytest.mark.parametrize("search", ["exact", "scann"])
+@pytest.mark.parametrize("search", ["exact", "ivf", "scann"])
 def test_keras_file_round_trip_in_this_and_a_new_process(rng, tmp_path, search):
     model = _memory_model(rng, search)
     queries, query_logits = make_queries(rng, m=200)
@@ -223,8 +223,11 @@ def test_scann_memory_loaded_from_weights_only_rebuilds_its_index(rng, tmp_path)
         ({"temperature": float("nan")}, "`temperature` must be a positive, finite number"),
         ({"sigma": "wide"}, "`sigma` must be a positive number. Received: sigma='wide'"),
         ({"task": "ranking"}, "`task` must be one of"),
-        ({"search": "faiss"}, r"`search` must be one of \('auto', 'exact', 'scann'\)"),
+        ({"search": "faiss"}, r"`search` must be one of \('auto', 'exact', 'ivf', 'scann'\)"),
         ({"k": 11, "memory_size": 10, "key_dim": 2, "num_outputs": 2}, "at most the memory size"),
+        ({"ivf_options": {"probes": 3}}, r"Unknown IVF option\(s\) \['probes'\]"),
+        ({"ivf_options": {"num_probes": 0}}, "`num_probes` must be a positive integer"),
+        ({"ivf_options": [1]}, "`ivf_options` must be a dict"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, match):
@@ -258,3 +261,26 @@ def test_calling_before_memorize_says_what_to_do():
     memory = keras_resmem.ResidualMemory()
     with pytest.raises(ValueError, match="call `memorize"):
         memory([np.zeros((2, 5), "float32"), np.zeros((2, 4), "float32")])
+
+
+def test_ivf_num_probes_reaches_a_compiled_model(rng):
+    keys, logits, labels = make_memory_data(rng, n=2000)
+    memory = keras_resmem.ResidualMemory(
+        k=20, sigma=0.5, search="ivf", ivf_options={"num_partitions": 50, "num_probes": 2}
+    )
+    memory.memorize(keys, logits, labels)
+    assert memory.num_probes == 2
+    emb_in, logit_in = keras.Input((6,)), keras.Input((4,))
+    model = keras.Model([emb_in, logit_in], memory([emb_in, logit_in]))
+    queries, query_logits = make_queries(rng, m=100)
+    model.predict([queries, query_logits], verbose=0)
+    memory.num_probes = 50  # every partition: exact
+    want = ref.resmem_classification(keys, logits, labels, queries, query_logits, 20, 0.5, 1.0)
+    np.testing.assert_allclose(model.predict([queries, query_logits], verbose=0), want, atol=1e-5)
+    with pytest.raises(ValueError, match="`num_probes` must be a positive integer"):
+        memory.num_probes = 0
+    exact = keras_resmem.ResidualMemory(k=3, search="exact")
+    exact.memorize(keys, logits, labels)
+    assert exact.num_probes is None
+    with pytest.raises(ValueError, match="applies to the 'ivf' search backend only"):
+        exact.num_probes = 4

@@ -35,3 +35,78 @@ def test_scann_index_saves_to_plain_files_and_loads(rng, tmp_path):
         np.load(npy, allow_pickle=False)  # no object arrays, nothing to unpickle
     loaded = search.ScannSearch.load(tmp_path, tf.constant(keys), index.options)
     np.testing.assert_array_equal(loaded.search(tf.constant(queries), 10).numpy(), want)
+
+
+def clustered(rng, n, d, centers=50):
+    means = rng.normal(size=(centers, d)).astype("float32") * 3
+    return (means[rng.integers(0, centers, n)] + rng.normal(size=(n, d))).astype("float32")
+
+
+def test_ivf_index_is_a_partition_of_the_memory(rng):
+    keys = clustered(rng, 5000, 8)
+    opts = search.resolve_ivf_options(len(keys), {"num_partitions": 37})
+    centroids, offsets, ids = search.train_ivf(keys, opts)
+    assert centroids.shape == (37, 8) and offsets.shape == (38,)
+    assert offsets[0] == 0 and offsets[-1] == 5000 and (np.diff(offsets) >= 0).all()
+    np.testing.assert_array_equal(np.sort(ids), np.arange(5000))
+    # Every entry sits in the partition of its nearest centroid.
+    owner = np.repeat(np.arange(37), np.diff(offsets))
+    d = ((keys[ids][:, None, :] - centroids[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(d.argmin(-1), owner)
+
+
+def _ivf(keys, probes=None, **options):
+    if probes is not None:
+        options["num_probes"] = probes
+    opts = search.resolve_ivf_options(len(keys), options)
+    centroids, offsets, ids = search.train_ivf(keys, opts)
+    return search.IVFSearch(
+        tf.constant(keys), centroids, offsets, ids, tf.Variable(opts["num_probes"])
+    )
+
+
+def test_ivf_recall_against_exact_search(rng):
+    keys = clustered(rng, 40000, 16)
+    queries = clustered(rng, 300, 16)
+    truth = ref.knn(keys, queries, 50)[0]
+    found = _ivf(keys).search(tf.constant(queries), 50).numpy()
+    recall = np.mean([len(set(f) & set(t)) / 50 for f, t in zip(found, truth, strict=True)])
+    print(f"IVF recall@50, default options, 40k clustered 16-d keys: {recall:.4f}")
+    assert recall >= 0.95
+    # Probing every partition is exact search.
+    every = _ivf(keys, 10**6).search(tf.constant(queries), 50).numpy()
+    np.testing.assert_array_equal(np.sort(every, axis=1), np.sort(truth, axis=1))
+
+
+def test_ivf_falls_back_to_exact_search_when_too_few_candidates(rng):
+    keys = rng.normal(size=(300, 4)).astype("float32")
+    queries = rng.normal(size=(20, 4)).astype("float32")
+    index = _ivf(keys, probes=1, num_partitions=30)  # one partition of ~10 entries < k
+    got = index.search(tf.constant(queries), 25).numpy()
+    np.testing.assert_array_equal(got, ref.knn(keys, queries, 25)[0])
+
+
+def test_ivf_handles_empty_and_blocked_batches(rng):
+    keys = clustered(rng, 3000, 8)
+    index = _ivf(keys, 4)
+    assert index.search(tf.zeros((0, 8)), 5).shape == (0, 5)
+    queries = tf.constant(clustered(rng, 50, 8))
+    want = index.search(queries, 5).numpy()
+    index.max_candidates = 1  # one query per block
+    np.testing.assert_array_equal(index.search(queries, 5).numpy(), want)
+
+
+def test_two_loaded_scann_indexes_stay_distinct(rng, tmp_path):
+    # Regression: ScaNN's TensorsToScann kernel keeps the first searcher it made,
+    # so without a unique name a second load returned the first index.
+    a = rng.normal(size=(25000, 8)).astype("float32")
+    b = a + 100.0
+    for name, keys in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        search.ScannSearch.build(keys).save(tmp_path / name)
+    opts = search.default_scann_options(25000, 8)
+    la = search.ScannSearch.load(tmp_path / "a", tf.constant(a), opts)
+    lb = search.ScannSearch.load(tmp_path / "b", tf.constant(b), opts)
+    q = tf.constant(b[:5])
+    np.testing.assert_array_equal(lb.search(q, 1).numpy()[:, 0], np.arange(5))
+    assert la.search(q, 1).numpy()[:, 0].tolist() != list(range(5))

@@ -1,0 +1,169 @@
+"""`export_saved_model`: a ResMem model as a SavedModel for TensorFlow Serving."""
+
+import contextlib
+import os
+
+import keras
+import tensorflow as tf
+
+from keras_resmem import _io
+from keras_resmem import search as search_lib
+from keras_resmem.api_export import keras_resmem_export
+from keras_resmem.residual_memory import ResidualMemory
+
+MODES = ("portable", "scann")
+
+
+def find_memory(model):
+    """The one `ResidualMemory` layer of `model`; a clear error otherwise."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "`model` must be a Keras model holding a ResidualMemory layer (e.g. from "
+            f"`keras_resmem.attach_memory`). Received: model of type {type(model).__name__}"
+        )
+    memories = [layer for layer in model.layers if isinstance(layer, ResidualMemory)]
+    if len(memories) != 1:
+        raise ValueError(
+            "`model` must hold exactly one ResidualMemory layer (as `attach_memory` "
+            f"builds it). Received: model {model.name!r} with {len(memories)}"
+        )
+    memory = memories[0]
+    if not memory.built:
+        raise ValueError(
+            f"The ResidualMemory of model {model.name!r} holds no memory yet; call "
+            "`memorize(...)` or build the model with `keras_resmem.attach_memory`."
+        )
+    return memory
+
+
+def _check_mode(mode, memory):
+    if mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES}. Received: mode={mode!r}")
+    backend = memory.search_backend
+    if mode == "portable" and backend not in search_lib.PORTABLE_BACKENDS:
+        raise ValueError(
+            f"mode='portable' exports only stock TensorFlow ops, but this memory searches "
+            f"with {backend!r}, whose custom ops stock TensorFlow Serving cannot load. "
+            "Rebuild the memory with search='ivf' (approximate, stock ops) or "
+            "search='exact', or export with mode='scann' for a ScaNN-enabled server."
+        )
+    if mode == "scann" and backend != "scann":
+        raise ValueError(
+            f"mode='scann' exports a ScaNN searcher, but this memory searches with "
+            f"{backend!r}. Use mode='portable', or rebuild the memory with search='scann'."
+        )
+
+
+@contextlib.contextmanager
+def _searcher(memory, searcher):
+    """Temporarily swaps the memory's searcher (the export traces with it)."""
+    previous = memory._ensure_searcher() if memory.search_backend == "scann" else None
+    if searcher is None:
+        yield
+        return
+    memory._searcher = searcher
+    try:
+        yield
+    finally:
+        memory._searcher = previous
+
+
+@keras_resmem_export("keras_resmem.export_saved_model")
+def export_saved_model(
+    model, path, *, mode="portable", include_neighbors=True, overwrite=False, verbose=False
+):
+    """Exports a ResMem model as a SavedModel for TensorFlow Serving.
+
+    The SavedModel has one signature, `serving_default`. Its inputs are the
+    model's inputs, by name (a batch of any size). Its outputs:
+
+    - `resmem_scores`: the ResMem prediction, `(batch, num_outputs)`;
+    - `deepnet_scores`: the network's own output, unchanged (logits or
+      probabilities, whichever the network returns);
+    - `class_ids`: classification only: `argmax(resmem_scores)`, int64;
+    - `neighbor_ids`, `neighbor_weights`: if `include_neighbors`: the memory
+      ids (training example indices) of the `k` nearest neighbours and their
+      weights, nearest first.
+
+    Modes:
+
+    - `"portable"`: only stock TensorFlow ops, so a stock `tensorflow_model_server`
+      (and any TensorFlow runtime) loads it. The memory must use the `"exact"`
+      or the `"ivf"` search backend.
+    - `"scann"`: the memory's ScaNN index, saved with the `Scann` op namespace
+      allowed. It needs a TensorFlow Serving build with ScaNN's ops linked in
+      (stock servers fail with "Op type not registered 'Scann>...'"); in Python,
+      `import scann` before loading it. The index is built once, on the first
+      request.
+
+    The directory is written atomically: it appears at `path` complete, or not
+    at all. For TensorFlow Serving, export to `<model_base_path>/<version>`.
+
+    Args:
+        model: a Keras model holding one `ResidualMemory` layer, such as the
+            result of `keras_resmem.attach_memory` (or that model reloaded).
+        path: the SavedModel directory to write.
+        mode: `"portable"` or `"scann"`, as above.
+        include_neighbors: whether to output `neighbor_ids` and `neighbor_weights`.
+        overwrite: whether to replace an existing `path`.
+        verbose: whether to print the exported signature.
+
+    Returns:
+        The absolute path of the SavedModel.
+
+    Raises:
+        ValueError: the model holds no memory, or its search backend does not
+            fit `mode` (the message says which backend to use).
+        FileExistsError: `path` exists and `overwrite` is false.
+
+    Example:
+
+    >>> import keras, numpy as np, tempfile, tensorflow as tf
+    >>> import keras_resmem
+    >>> inputs = keras.Input((4,), name="features")
+    >>> h = keras.layers.Dense(8, activation="relu", name="pre_logits")(inputs)
+    >>> base = keras.Model(inputs, keras.layers.Dense(3)(h))
+    >>> x = np.random.default_rng(0).normal(size=(100, 4)).astype("float32")
+    >>> model = keras_resmem.attach_memory(base, "pre_logits", (x, np.arange(100) % 3),
+    ...                                    k=5, search="exact", verbose=0)
+    >>> path = keras_resmem.export_saved_model(model, tempfile.mkdtemp() + "/resmem/1")
+    >>> serve = tf.saved_model.load(path).signatures["serving_default"]
+    >>> sorted(serve(features=tf.constant(x[:2])))
+    ['class_ids', 'deepnet_scores', 'neighbor_ids', 'neighbor_weights', 'resmem_scores']
+    """
+    memory = find_memory(model)
+    _check_mode(mode, memory)
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists. Pass overwrite=True to replace it.")
+    # The network part up to the memory: its inputs to the memory's two inputs.
+    features = keras.Model(model.inputs, list(memory.input), name=f"{model.name}_features")
+    specs = [
+        tf.TensorSpec((None, *t.shape[1:]), t.dtype, name=t.name) for t in model.inputs
+    ]
+    classification = memory.task == "classification"
+
+    def serve(*inputs):
+        embedding, scores = features(inputs[0] if len(inputs) == 1 else list(inputs))
+        prediction, ids, weights = memory([embedding, scores], return_neighbors=True)
+        out = {"resmem_scores": prediction, "deepnet_scores": tf.identity(scores)}
+        if classification:
+            out["class_ids"] = tf.argmax(prediction, axis=-1)
+        if include_neighbors:
+            out.update(neighbor_ids=ids, neighbor_weights=weights)
+        return out
+
+    saved_searcher = None
+    if mode == "scann":
+        saved_searcher = search_lib.SavedScannSearch(memory._ensure_searcher(), memory.keys)
+    archive = keras.export.ExportArchive()
+    archive.track(features)
+    archive.track(memory)
+    if saved_searcher is not None:
+        archive.track(saved_searcher)
+    options = tf.saved_model.SaveOptions(namespace_whitelist=["Scann"] if mode == "scann" else None)
+    with _searcher(memory, saved_searcher):
+        archive.add_endpoint("serving_default", serve, input_signature=specs)
+        with _io.atomic_directory(path, overwrite=overwrite) as tmp:
+            archive.write_out(tmp, options=options, verbose=verbose)
+    return path
