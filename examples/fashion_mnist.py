@@ -71,7 +71,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--val-size", type=int, default=6000)
     parser.add_argument("--train-size", type=int, default=None, help="use a subset (smoke runs)")
-    parser.add_argument("--search", default="auto", choices=["auto", "exact", "scann"])
+    parser.add_argument("--search", default="auto", choices=["auto", "exact", "ivf", "scann"])
     parser.add_argument(
         "--layers",
         default="pre_logits,pooled,pool2",

@@ -63,7 +63,7 @@ class ResidualMemory(keras.layers.Layer):
             ops), `"ivf"` (approximate, an inverted-file index in stock
             TensorFlow ops: runs on stock TensorFlow Serving), `"scann"`
             (approximate, ScaNN's custom ops), or `"auto"` (exact below 200,000
-            entries, else ScaNN).
+            entries, else IVF).
         memory_size, key_dim, num_outputs: the memory's shape. Set by
             `memorize`; given only when re-creating a layer from its config.
         chunk_size: exact search scores this many memory entries at once,
@@ -114,7 +114,7 @@ class ResidualMemory(keras.layers.Layer):
         memory_size=None,
         key_dim=None,
         num_outputs=None,
-        chunk_size=16384,
+        chunk_size=65536,
         scann_options=None,
         ivf_options=None,
         **kwargs,

@@ -16,7 +16,7 @@ def test_exact_search_equals_brute_force(rng, chunk_size):
 
 def test_auto_backend_picks_by_memory_size():
     assert search.resolve_backend("auto", 10_000) == "exact"
-    assert search.resolve_backend("auto", search.AUTO_SCANN_THRESHOLD) == "scann"
+    assert search.resolve_backend("auto", search.AUTO_APPROXIMATE_THRESHOLD) == "ivf"
     assert search.resolve_backend("exact", 10**8) == "exact"
     with pytest.raises(ValueError, match="Received: search='faiss'"):
         search.resolve_backend("faiss", 10)
@@ -110,3 +110,12 @@ def test_two_loaded_scann_indexes_stay_distinct(rng, tmp_path):
     q = tf.constant(b[:5])
     np.testing.assert_array_equal(lb.search(q, 1).numpy()[:, 0], np.arange(5))
     assert la.search(q, 1).numpy()[:, 0].tolist() != list(range(5))
+
+
+@pytest.mark.parametrize("n,k", [(50, 5), (640, 5), (1000, 3), (5000, 50), (130, 1)])
+def test_smallest_k_equals_a_full_sort(rng, n, k):
+    values = rng.normal(size=(17, n)).astype("float32")
+    got_values, got_ids = search.smallest_k(tf.constant(values), k)
+    want = np.argsort(values, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(got_ids.numpy(), want)
+    np.testing.assert_array_equal(got_values.numpy(), np.take_along_axis(values, want, 1))
