@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 from embeddings import ROOT, fashion_mnist_embeddings
 
+from keras_resmem import _io
 from keras_resmem import search as search_lib
 
 
@@ -82,7 +83,9 @@ def main(argv=None):
     probes = tf.Variable(1, dtype=tf.int32)
     ivf = search_lib.IVFSearch(key_var, centroids, offsets, ids, probes)
     ivf_fn = tf.function(lambda q: ivf.search(q, args.k), reduce_retracing=True)
-    for p in (int(v) for v in args.probes.split(",")):
+    # The sweep, plus the default setting `attach_memory` would use for this memory.
+    sweep = sorted({int(v) for v in args.probes.split(",")} | {options["num_probes"]})
+    for p in sweep:
         probes.assign(p)
         found = np.concatenate(
             [ivf_fn(tf.constant(queries[i : i + 256])).numpy() for i in range(0, len(queries), 256)]
@@ -90,6 +93,7 @@ def main(argv=None):
         row = {
             "backend": "ivf",
             "num_probes": p,
+            "default": p == options["num_probes"],
             "recall": recall(found, truth),
             "qps_batch_1": queries_per_second(ivf_fn, queries[:200], 1, args.min_seconds),
             "qps_batch_256": queries_per_second(ivf_fn, queries, 256, args.min_seconds),
@@ -115,8 +119,9 @@ def main(argv=None):
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
     }
     os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "ivf_search.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    with _io.atomic_path(os.path.join(args.output_dir, "ivf_search.json")) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
     lines = [
         f"# IVF vs exact search: {n:,} keys x {d} dims, {len(queries):,} queries, recall@{args.k}",
         "",
@@ -127,7 +132,8 @@ def main(argv=None):
     ]
     for r in rows:
         lines.append(
-            f"| {r['backend']} | {r['num_probes'] or '-'} | {r['recall']:.4f} | "
+            f"| {r['backend']} | {r['num_probes'] or '-'}{' (default)' if r.get('default') else ''}"
+            f" | {r['recall']:.4f} | "
             f"{r['qps_batch_1']:.0f} | {r['qps_batch_256']:.0f} | "
             f"{r['speedup_batch_1']:.2f}x | {r['speedup_batch_256']:.2f}x |"
         )
@@ -138,8 +144,9 @@ def main(argv=None):
             f"recall {chosen['recall']:.4f}, {chosen['speedup_batch_256']:.2f}x exact at batch 256, "
             f"{chosen['speedup_batch_1']:.2f}x at batch 1.",
         ]
-    with open(os.path.join(args.output_dir, "ivf_search.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    with _io.atomic_path(os.path.join(args.output_dir, "ivf_search.md")) as tmp:
+        with open(tmp, "w") as f:
+            f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
     import matplotlib
@@ -161,7 +168,8 @@ def main(argv=None):
         ax.legend()
     fig.suptitle(f"{n:,} Fashion-MNIST embeddings ({d}-d), 2 CPU cores")
     fig.tight_layout()
-    fig.savefig(os.path.join(args.output_dir, "ivf_search.png"), dpi=120)
+    with _io.atomic_path(os.path.join(args.output_dir, "ivf_search.png")) as tmp:
+        fig.savefig(tmp, dpi=120)
 
 
 if __name__ == "__main__":

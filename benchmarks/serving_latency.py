@@ -23,6 +23,7 @@ import numpy as np
 from embeddings import ROOT, fashion_mnist_embeddings
 
 import keras_resmem
+from keras_resmem import _io
 from keras_resmem.datasets import load_fashion_mnist
 
 TIMER = """
@@ -121,8 +122,9 @@ def main(argv=None):
         "results": results,
     }
     os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "serving_latency.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    with _io.atomic_path(os.path.join(args.output_dir, "serving_latency.json")) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(summary, f, indent=2)
     lines = [
         f"# Serving latency: {len(x_train):,}-entry memory, key `{args.layer}`, k={args.k}",
         "",
@@ -138,8 +140,9 @@ def main(argv=None):
             f"{r['added_batch_1_ms']:+.2f} ms | {r['batch_256_ms']:.1f} | "
             f"{r['ratio_batch_1']:.2f}x | {r['ratio_batch_256']:.2f}x |"
         )
-    with open(os.path.join(args.output_dir, "serving_latency.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    with _io.atomic_path(os.path.join(args.output_dir, "serving_latency.md")) as tmp:
+        with open(tmp, "w") as f:
+            f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -68,6 +68,15 @@ def _searcher(memory, searcher):
         memory._searcher = previous
 
 
+def _input_names(model):
+    """The signature's input names: each `keras.Input`'s name, `inputs` if unnamed."""
+    names = [t.name for t in model.inputs]
+    unnamed = [name.startswith("keras_tensor") for name in names]
+    if len(names) == 1:
+        return ["inputs" if unnamed[0] else names[0]]
+    return [f"inputs_{i}" if u else n for i, (n, u) in enumerate(zip(names, unnamed, strict=True))]
+
+
 @keras_resmem_export("keras_resmem.export_saved_model")
 def export_saved_model(
     model, path, *, mode="portable", include_neighbors=True, overwrite=False, verbose=False
@@ -75,7 +84,8 @@ def export_saved_model(
     """Exports a ResMem model as a SavedModel for TensorFlow Serving.
 
     The SavedModel has one signature, `serving_default`. Its inputs are the
-    model's inputs, by name (a batch of any size). Its outputs:
+    model's inputs, named as their `keras.Input(name=...)` (`inputs` for an
+    unnamed single input), with any batch size. Its outputs:
 
     - `resmem_scores`: the ResMem prediction, `(batch, num_outputs)`;
     - `deepnet_scores`: the network's own output, unchanged (logits or
@@ -139,7 +149,8 @@ def export_saved_model(
     # The network part up to the memory: its inputs to the memory's two inputs.
     features = keras.Model(model.inputs, list(memory.input), name=f"{model.name}_features")
     specs = [
-        tf.TensorSpec((None, *t.shape[1:]), t.dtype, name=t.name) for t in model.inputs
+        tf.TensorSpec((None, *t.shape[1:]), t.dtype, name=name)
+        for t, name in zip(model.inputs, _input_names(model), strict=True)
     ]
     classification = memory.task == "classification"
 

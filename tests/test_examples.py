@@ -31,6 +31,9 @@ def test_fashion_mnist_main_job_small_run(tmp_path):
     assert test["gain"] == pytest.approx(test["resmem_accuracy"] - test["deepnet_accuracy"])
     model = keras.models.load_model(tmp_path / "resmem.keras")
     assert model.get_layer("residual_memory").k == saved["chosen"]["k"]
+    assert saved["export"]["mode"] == "portable"
+    assert saved["export"]["class_agreement_256_test_images"] == 1.0
+    assert (tmp_path / "saved_model" / "1" / "saved_model.pb").exists()
 
 
 @pytest.mark.large

@@ -243,3 +243,20 @@ def test_find_memory_names_the_model(rng):
     assert export_lib.find_memory(model) is model.get_layer("residual_memory")
     with pytest.raises(ValueError, match="model 'toy' with 0"):
         export_lib.find_memory(base)
+
+
+def test_unnamed_input_is_called_inputs(rng, tmp_path):
+    inputs = keras.Input((3,))
+    h = keras.layers.Dense(4, name="h")(inputs)
+    base = keras.Model(inputs, keras.layers.Dense(2)(h))
+    x = rng.normal(size=(50, 3)).astype("float32")
+    model = keras_resmem.attach_memory(base, "h", (x, np.arange(50) % 2), k=3, verbose=0)
+    path = keras_resmem.export_saved_model(model, tmp_path / "m")
+    sig = tf.saved_model.load(path).signatures["serving_default"]
+    assert list(sig.structured_input_signature[1]) == ["inputs"]
+    np.testing.assert_allclose(
+        sig(inputs=tf.constant(x[:4]))["resmem_scores"].numpy(),
+        model.predict(x[:4], verbose=0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
