@@ -99,7 +99,11 @@ def main(argv=None):
     variants = {"base": (os.path.join(work, "base"), False)}
     for search, mode in (("exact", "portable"), ("ivf", "portable"), ("scann", "scann")):
         model = keras_resmem.attach_memory(
-            base, args.layer, (x_train, y_train.astype("int32")), k=args.k, search=search,
+            base,
+            args.layer,
+            (x_train, y_train.astype("int32")),
+            k=args.k,
+            search=search,
             verbose=0,
         )
         path = keras_resmem.export_saved_model(model, os.path.join(work, search), mode=mode)
@@ -110,7 +114,7 @@ def main(argv=None):
         results[name] = time_saved_model(path, images, scann, args.repeats_1, args.repeats_256)
         print(name, results[name])
     base_row = results["base"]
-    for name, row in results.items():
+    for row in results.values():
         row["ratio_batch_1"] = row["batch_1_ms"] / base_row["batch_1_ms"]
         row["ratio_batch_256"] = row["batch_256_ms"] / base_row["batch_256_ms"]
         row["added_batch_1_ms"] = row["batch_1_ms"] - base_row["batch_1_ms"]

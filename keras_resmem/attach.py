@@ -276,6 +276,11 @@ def attach_memory(
         progbar.update(step + 1)
     if seen == 0:
         raise ValueError("`data` is empty: a memory needs at least one training example.")
-    memory.memorize(np.concatenate(embeddings), np.concatenate(scores), np.concatenate(targets))
+    memory.memorize(
+        np.concatenate(embeddings),
+        np.concatenate(scores),
+        np.concatenate(targets),
+        verbose=verbose,
+    )
     prediction = memory([embedding, output])
     return keras.Model(model.inputs, prediction, name=name or f"{model.name}_resmem")

@@ -152,9 +152,7 @@ class ResidualMemory(keras.layers.Layer):
         self.chunk_size = _check_positive_int("chunk_size", chunk_size)
         self.scann_options = dict(scann_options) if scann_options else None
         if ivf_options is not None and not isinstance(ivf_options, dict):
-            raise ValueError(
-                f"`ivf_options` must be a dict. Received: ivf_options={ivf_options!r}"
-            )
+            raise ValueError(f"`ivf_options` must be a dict. Received: ivf_options={ivf_options!r}")
         # Unknown names and bad values fail now, not after a pass over the data.
         search_lib.resolve_ivf_options(1, ivf_options)
         self.ivf_options = dict(ivf_options) if ivf_options else None
@@ -308,11 +306,17 @@ class ResidualMemory(keras.layers.Layer):
             name="ivf_centroids", shape=(p, self.key_dim), initializer="zeros", trainable=False
         )
         self.ivf_offsets = self.add_weight(
-            name="ivf_offsets", shape=(p + 1,), dtype="int32", initializer="zeros",
+            name="ivf_offsets",
+            shape=(p + 1,),
+            dtype="int32",
+            initializer="zeros",
             trainable=False,
         )
         self.ivf_ids = self.add_weight(
-            name="ivf_ids", shape=(self.memory_size,), dtype="int32", initializer="zeros",
+            name="ivf_ids",
+            shape=(self.memory_size,),
+            dtype="int32",
+            initializer="zeros",
             trainable=False,
         )
         self._hparam_vars["num_probes"] = self.add_weight(
@@ -349,7 +353,7 @@ class ResidualMemory(keras.layers.Layer):
                 f"memory keys have key_dim={self.key_dim}. Received embeddings shape: {emb_shape}"
             )
 
-    def memorize(self, embeddings, scores, targets):
+    def memorize(self, embeddings, scores, targets, verbose=0):
         """Stores the memory: one entry per training example.
 
         Args:
@@ -358,6 +362,7 @@ class ResidualMemory(keras.layers.Layer):
                 or probabilities, as `from_logits` says; predictions for regression).
             targets: classification: `(n,)` integer class ids; regression:
                 `(n, num_outputs)` (or `(n,)` for one output).
+            verbose: 1 shows a progress bar while an IVF index is trained.
 
         Raises:
             ValueError: on shapes that disagree, non-finite values, or class
@@ -402,7 +407,9 @@ class ResidualMemory(keras.layers.Layer):
         if self.search_backend == "scann":
             self._searcher = search_lib.ScannSearch.build(embeddings, self.scann_options)
         elif self.search_backend == "ivf":
-            centroids, offsets, ids = search_lib.train_ivf(embeddings, self._ivf_options_in_use())
+            centroids, offsets, ids = search_lib.train_ivf(
+                embeddings, self._ivf_options_in_use(), verbose=verbose
+            )
             self.ivf_centroids.assign(centroids)
             self.ivf_offsets.assign(offsets)
             self.ivf_ids.assign(ids)

@@ -21,6 +21,7 @@ import math
 import os
 import uuid
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -196,12 +197,13 @@ def _nearest_centroids(points, centroids, chunk_size=65_536):
     return out
 
 
-def train_ivf(keys, options):
+def train_ivf(keys, options, verbose=0):
     """Builds an inverted-file index of `keys` with k-means.
 
     Args:
         keys: `(n, d)` float32 array.
         options: resolved options (`resolve_ivf_options`).
+        verbose: 1 shows a progress bar (k-means iterations, then the assignment).
 
     Returns:
         `(centroids, offsets, ids)`: `(P, d)` float32 centroids; `(P + 1,)`
@@ -215,7 +217,8 @@ def train_ivf(keys, options):
     sample_size = min(n, max(options["training_sample_size"], num_partitions))
     sample = keys[np.sort(rng.choice(n, size=sample_size, replace=False))]
     centroids = sample[rng.choice(sample_size, size=num_partitions, replace=False)]
-    for _ in range(options["iterations"]):
+    progbar = keras.utils.Progbar(options["iterations"] + 1, verbose=verbose, unit_name="step")
+    for step in range(options["iterations"]):
         assign = _nearest_centroids(sample, centroids)
         sums = tf.math.unsorted_segment_sum(sample, assign, num_partitions).numpy()
         counts = np.bincount(assign, minlength=num_partitions)
@@ -224,7 +227,9 @@ def train_ivf(keys, options):
         if empty.any():  # re-seed empty partitions on random sample points
             centroids[empty] = sample[rng.choice(sample_size, size=int(empty.sum()))]
         centroids = centroids.astype(np.float32)
+        progbar.update(step + 1)
     assign = _nearest_centroids(keys, centroids)
+    progbar.update(options["iterations"] + 1)
     ids = np.argsort(assign, kind="stable").astype(np.int32)
     offsets = np.zeros(num_partitions + 1, dtype=np.int32)
     np.cumsum(np.bincount(assign, minlength=num_partitions), out=offsets[1:])
@@ -297,9 +302,7 @@ class IVFSearch:
                 _, top = tf.math.top_k(-dist, k=k)
                 return tf.gather(cand, top, batch_dims=1)
 
-            return tf.cond(
-                tf.reduce_min(row_lengths) >= k, ivf, lambda: self.exact.search(q, k)
-            )
+            return tf.cond(tf.reduce_min(row_lengths) >= k, ivf, lambda: self.exact.search(q, k))
 
         m = tf.shape(queries)[0]
 

@@ -1,4 +1,4 @@
-"""SavedModel export: stock-TF loading in a fresh process, op audit, ScaNN mode, serving under load."""
+"""SavedModel export: stock-TF loading in a fresh process, op audit, ScaNN mode, threads."""
 
 import json
 import os
@@ -181,9 +181,7 @@ def test_export_never_clobbers_or_half_writes(rng, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(keras.export.ExportArchive, "write_out", fail, raising=False)
-    monkeypatch.setattr(
-        type(keras.export.ExportArchive()), "write_out", fail, raising=False
-    )
+    monkeypatch.setattr(type(keras.export.ExportArchive()), "write_out", fail, raising=False)
     with pytest.raises(OSError, match="disk full"):
         keras_resmem.export_saved_model(model, path, overwrite=True)
     monkeypatch.undo()
