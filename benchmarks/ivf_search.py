@@ -118,10 +118,7 @@ def main(argv=None):
         "fastest_with_recall_0_95": chosen,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
     }
-    os.makedirs(args.output_dir, exist_ok=True)
-    with _io.atomic_path(os.path.join(args.output_dir, "ivf_search.json")) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
+    _io.write_text(os.path.join(args.output_dir, "ivf_search.json"), json.dumps(result, indent=2))
     lines = [
         f"# IVF vs exact search: {n:,} keys x {d} dims, {len(queries):,} queries, recall@{args.k}",
         "",
@@ -146,9 +143,7 @@ def main(argv=None):
             f"{chosen['speedup_batch_256']:.2f}x exact at batch 256, "
             f"{chosen['speedup_batch_1']:.2f}x at batch 1.",
         ]
-    with _io.atomic_path(os.path.join(args.output_dir, "ivf_search.md")) as tmp:
-        with open(tmp, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    _io.write_text(os.path.join(args.output_dir, "ivf_search.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
     import matplotlib

@@ -125,10 +125,9 @@ def main(argv=None):
         "cpu_count": os.cpu_count(),
         "results": results,
     }
-    os.makedirs(args.output_dir, exist_ok=True)
-    with _io.atomic_path(os.path.join(args.output_dir, "serving_latency.json")) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(summary, f, indent=2)
+    _io.write_text(
+        os.path.join(args.output_dir, "serving_latency.json"), json.dumps(summary, indent=2)
+    )
     lines = [
         f"# Serving latency: {len(x_train):,}-entry memory, key `{args.layer}`, k={args.k}",
         "",
@@ -144,9 +143,7 @@ def main(argv=None):
             f"{r['added_batch_1_ms']:+.2f} ms | {r['batch_256_ms']:.1f} | "
             f"{r['ratio_batch_1']:.2f}x | {r['ratio_batch_256']:.2f}x |"
         )
-    with _io.atomic_path(os.path.join(args.output_dir, "serving_latency.md")) as tmp:
-        with open(tmp, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    _io.write_text(os.path.join(args.output_dir, "serving_latency.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

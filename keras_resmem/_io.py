@@ -69,3 +69,9 @@ def atomic_directory(path, overwrite=False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_text(path, text):
+    """Writes `text` to `path` atomically (creating its directory)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
