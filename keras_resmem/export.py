@@ -56,12 +56,9 @@ def _check_mode(mode, memory):
 
 @contextlib.contextmanager
 def _searcher(memory, searcher):
-    """Temporarily swaps the memory's searcher (the export traces with it)."""
-    previous = memory._ensure_searcher() if memory.search_backend == "scann" else None
-    if searcher is None:
-        yield
-        return
-    memory._searcher = searcher
+    """Temporarily swaps the memory's searcher, if given (the export traces with it)."""
+    previous = memory._searcher
+    memory._searcher = searcher or previous
     try:
         yield
     finally:

@@ -38,3 +38,29 @@ def test_atomic_path_writes_on_success(tmp_path):
         f.write("done")
     assert target.read_text() == "done"
     assert np.array_equal(sorted(os.listdir(target.parent)), ["out.txt"])
+
+
+def test_write_text_replaces_whole_files(tmp_path):
+    path = tmp_path / "sub" / "results.md"
+    _io.write_text(path, "first\n")
+    _io.write_text(path, "second\n")
+    assert path.read_text() == "second\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["results.md"]
+
+
+def test_atomic_directory_leaves_the_old_directory_on_failure(tmp_path):
+    target = tmp_path / "model"
+    with _io.atomic_directory(target) as tmp:
+        (tmp_path / tmp / "a.txt").write_text("old")
+    try:
+        with _io.atomic_directory(target, overwrite=True) as tmp:
+            (tmp_path / tmp / "a.txt").write_text("half")
+            raise RuntimeError("crash")
+    except RuntimeError:
+        pass
+    assert (target / "a.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    with _io.atomic_directory(target, overwrite=True) as tmp:
+        (tmp_path / tmp / "a.txt").write_text("new")
+    assert (target / "a.txt").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
