@@ -12,6 +12,7 @@ def test_public_api_is_small_and_registered():
         "attach_memory",
         "compare",
         "datasets",
+        "diagnostics",
         "export_saved_model",
         "tuning",
     }
