@@ -82,3 +82,85 @@ def test_theory_example_small_run(tmp_path):
     assert by_n[3000]["resmem"] < by_n[3000]["nn_labels"]
     assert results["slopes"]["2"]["resmem"] < -0.5
     assert (tmp_path / "risk_vs_n.png").exists() and (tmp_path / "results.md").exists()
+
+
+def _fake_cifar100(folder, rng, n):
+    """A tiny data set in CIFAR-100's own file format (the tests have no network)."""
+    import pickle
+
+    folder.mkdir(parents=True)
+    for name, size in (("train", n), ("test", n // 2)):
+        batch = {
+            b"data": rng.integers(0, 256, (size, 3072), dtype=np.uint8),
+            b"fine_labels": [int(v) for v in rng.integers(0, 100, size)],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+
+
+def test_cifar100_recipe_runs_end_to_end_on_cifar_format_files(rng, tmp_path):
+    import cifar100_resnet
+
+    _fake_cifar100(tmp_path / "data" / "cifar-100-python", rng, 256)
+    results = cifar100_resnet.main(
+        ["--epochs", "1", "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path)]
+    )
+    assert results["k"] == 53 and results["sigma"] == 0.7 and results["temperature"] == 1.4
+    assert 0 <= results["test"]["resmem"] <= 1
+    assert "| paper (256 epochs) | 56.46% |" in (tmp_path / "results.md").read_text()
+    assert cifar100_resnet.cifar_resnet(8).count_params() < 100_000
+
+
+def test_cifar100_without_data_says_what_to_do(tmp_path, capsys):
+    import cifar100_resnet
+
+    with pytest.raises(SystemExit) as exit_info:
+        cifar100_resnet.main(["--data-dir", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2
+    assert "pass --data-dir to the folder that holds `cifar-100-python`" in capsys.readouterr().err
+
+
+def test_learning_rate_schedule_follows_the_paper():
+    import cifar100_resnet
+
+    schedule = cifar100_resnet.learning_rate(256, steps_per_epoch=10)
+    lr = lambda epoch: float(schedule(epoch * 10))  # noqa: E731
+    assert lr(0) == pytest.approx(0.4 / 150)  # linear warm-up over 15 epochs
+    assert lr(15) == pytest.approx(0.4)
+    assert lr(95.9) == pytest.approx(0.4)
+    assert lr(96) == pytest.approx(0.04)
+    assert lr(192) == pytest.approx(0.004)
+    assert lr(224) == pytest.approx(0.0004)
+
+
+def test_trends_example_small_run(tmp_path):
+    import fashion_mnist_trends as trends
+
+    results = trends.main(
+        [
+            "--epochs", "1", "--train-size", "2000", "--val-size", "500", "--test-size", "500",
+            "--train-eval-size", "300", "--fractions", "0.5,1.0", "--widths", "4,16",
+            "--noise", "0,1.0", "--output-dir", str(tmp_path),
+        ]
+    )  # fmt: skip
+    assert [r["fraction"] for r in results["data"]] == [0.5, 1.0]
+    assert results["data"][0]["train_size"] == 1000
+    assert [r["width"] for r in results["width"]] == [4, 16]
+    assert results["width"][0]["parameters"] < results["width"][1]["parameters"]
+    assert results["noise"][0]["test_resmem"] == results["data"][1]["test_resmem"]  # reused
+    for rows in results.values():
+        for r in rows:
+            assert r["gain"] == pytest.approx(r["tpr"] - r["fpr"])
+    for name in ("data_size.png", "width.png", "random_labels.png", "near_misses.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    assert "Random labels" in (tmp_path / "results.md").read_text()
+
+
+def test_randomize_replaces_the_requested_fraction(rng):
+    import fashion_mnist_trends as trends
+
+    labels = np.zeros(10000, dtype=np.int32)
+    noisy = trends.randomize(labels, 0.5, seed=0)
+    changed = (noisy != labels).mean()
+    assert 0.5 * 0.9 - 0.02 < changed < 0.5 * 0.9 + 0.02  # 1 in 10 random labels stays 0
+    assert (trends.randomize(labels, 0.0, seed=0) == labels).all()
