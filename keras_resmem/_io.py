@@ -6,6 +6,12 @@ import shutil
 import tempfile
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yields a temporary path beside `path`; renames it onto `path` on success.
@@ -22,6 +28,8 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield tmp
+        # mkstemp makes the file private (0600); give it the usual permissions.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -55,6 +63,9 @@ def atomic_directory(path, overwrite=False):
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
     try:
         yield tmp
+        # mkdtemp makes the directory private (0700): a server running as another
+        # user could not read the model. Give it the usual permissions.
+        os.chmod(tmp, 0o777 & ~_umask())
         if os.path.exists(path):
             old = tempfile.mkdtemp(dir=parent, prefix=".old-")
             os.rmdir(old)

@@ -164,3 +164,14 @@ def test_randomize_replaces_the_requested_fraction(rng):
     changed = (noisy != labels).mean()
     assert 0.5 * 0.9 - 0.02 < changed < 0.5 * 0.9 + 0.02  # 1 in 10 random labels stays 0
     assert (trends.randomize(labels, 0.0, seed=0) == labels).all()
+
+
+def test_randomized_labels_are_not_the_training_accuracy_subset():
+    # Regression: both used default_rng(seed).permutation, so the subset that
+    # measured training accuracy was exactly the randomized examples.
+    import fashion_mnist_trends as trends
+
+    labels = np.zeros(20000, dtype=np.int32)
+    changed = trends.randomize(labels, 0.2, seed=0) != labels
+    subset = np.random.default_rng(0).permutation(len(labels))[:5000]
+    assert 0.12 < changed[subset].mean() < 0.24  # about 0.2 x 0.9, not ~0.9

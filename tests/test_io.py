@@ -64,3 +64,15 @@ def test_atomic_directory_leaves_the_old_directory_on_failure(tmp_path):
         (tmp_path / tmp / "a.txt").write_text("new")
     assert (target / "a.txt").read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        _io.write_text(tmp_path / "a.txt", "x")
+        with _io.atomic_directory(tmp_path / "d"):
+            pass
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
