@@ -190,6 +190,20 @@ def neighbors_of(model, x, batch_size=256):
     Returns:
         `(ids, weights)`, numpy arrays `(m, k)`, nearest first; ids index the
         memory, which `attach_memory` fills in the order of the training data.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> import keras_resmem
+    >>> inputs = keras.Input((2,))
+    >>> h = keras.layers.Dense(4, name="pre_logits")(inputs)
+    >>> base = keras.Model(inputs, keras.layers.Dense(2)(h))
+    >>> x = np.random.default_rng(0).normal(size=(20, 2)).astype("float32")
+    >>> model = keras_resmem.attach_memory(base, "pre_logits", (x, np.arange(20) % 2),
+    ...                                    k=3, verbose=0)
+    >>> ids, weights = keras_resmem.diagnostics.neighbors_of(model, x[:2])
+    >>> ids[:, 0]  # each training example is its own nearest neighbour
+    array([0, 1], dtype=int32)
     """
     import keras
 
@@ -226,6 +240,19 @@ def plot_changed_examples(
 
     Returns:
         `path`.
+
+    Example:
+
+    >>> import numpy as np, tempfile
+    >>> from keras_resmem import diagnostics
+    >>> images = np.random.default_rng(0).random((4, 8, 8))
+    >>> changed = diagnostics.changed_examples(
+    ...     [1, 0], [0, 0], [1, 1], neighbor_ids=[[2, 3], [3, 2]],
+    ...     neighbor_weights=[[0.6, 0.4], [0.5, 0.5]], memory_labels=[0, 0, 1, 1])
+    >>> path = diagnostics.plot_changed_examples(
+    ...     changed, images[:2], images, tempfile.mkdtemp() + "/changed.png", neighbors_shown=2)
+    >>> path.endswith("changed.png")
+    True
     """
     try:
         import matplotlib

@@ -258,3 +258,26 @@ def test_unnamed_input_is_called_inputs(rng, tmp_path):
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_regression_and_two_input_models_export(rng, tmp_path):
+    a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
+    h = keras.layers.Dense(6, activation="relu", name="h")(keras.layers.Concatenate()([a, b]))
+    base = keras.Model([a, b], keras.layers.Dense(1)(h))
+    xa = rng.normal(size=(200, 3)).astype("float32")
+    xb = rng.normal(size=(200, 2)).astype("float32")
+    y = xa[:, :1] * 2.0
+    model = keras_resmem.attach_memory(
+        base, "h", ((xa, xb), y), task="regression", k=4, sigma=0.3, verbose=0
+    )
+    path = keras_resmem.export_saved_model(model, tmp_path / "m")
+    sig = tf.saved_model.load(path).signatures["serving_default"]
+    assert sorted(sig.structured_input_signature[1]) == ["a", "b"]
+    out = sig(a=tf.constant(xa[:5]), b=tf.constant(xb[:5]))
+    assert "class_ids" not in out  # regression
+    np.testing.assert_allclose(
+        out["resmem_scores"].numpy(), model.predict([xa[:5], xb[:5]], verbose=0), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        out["deepnet_scores"].numpy(), base.predict([xa[:5], xb[:5]], verbose=0), rtol=1e-5
+    )
