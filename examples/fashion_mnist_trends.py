@@ -15,8 +15,8 @@ The full-data, width-16 run also writes a figure of test images that ResMem
 fixed and broke, with their nearest training images (the paper's Figure 2).
 Writes tables and PNG figures to `results/fashion_mnist_trends/`.
 
-    python examples/fashion_mnist_trends.py               # ~8 minutes on 2 CPU cores
-    python examples/fashion_mnist_trends.py --sweeps data  # one sweep
+    python examples/fashion_mnist_trends.py                # 3 seeds, ~25 minutes on 2 CPU cores
+    python examples/fashion_mnist_trends.py --seeds 0 --sweeps data  # one seed, one sweep
 """
 
 import argparse
@@ -142,6 +142,24 @@ def randomize(labels, fraction, seed):
     return labels
 
 
+METRICS = (
+    "test_deepnet", "test_resmem", "test_knn_labels", "gain", "tpr", "fpr",
+    "train_deepnet", "train_resmem",
+)  # fmt: skip
+
+
+def aggregate(runs, **extra):
+    """One row per sweep point: the mean and standard deviation of each metric over seeds."""
+    row = {"width": runs[0]["width"], "parameters": runs[0]["parameters"], **extra}
+    row["train_size"] = runs[0]["train_size"]
+    for key in METRICS:
+        values = [r[key] for r in runs]
+        row[key], row[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
+    row["chosen"] = [r["chosen"] for r in runs]
+    row["runs"] = runs
+    return row
+
+
 def plot(rows, x_key, x_label, title, path, log_x=False):
     import matplotlib
 
@@ -149,17 +167,25 @@ def plot(rows, x_key, x_label, title, path, log_x=False):
     import matplotlib.pyplot as plt
 
     xs = [r[x_key] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, split in zip(axes, ("test", "train"), strict=True):
-        ax.plot(xs, [r[f"{split}_deepnet"] for r in rows], "s-", label="DeepNet")
-        ax.plot(xs, [r[f"{split}_resmem"] for r in rows], "o-", label="ResMem")
-        if split == "test":
-            ax.plot(xs, [r["test_knn_labels"] for r in rows], "^--", label="kNN on labels")
-        ax.set(xlabel=x_label, ylabel=f"{split} accuracy", title=f"{split} accuracy")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    series = {
+        "test": (("test_deepnet", "s-", "DeepNet"), ("test_resmem", "o-", "ResMem"),
+                 ("test_knn_labels", "^--", "kNN on labels")),
+        "train": (("train_deepnet", "s-", "DeepNet"), ("train_resmem", "o-", "ResMem")),
+        "gain": (("gain", "o-", "ResMem - DeepNet"),),
+    }  # fmt: skip
+    for ax, (name, lines) in zip(axes, series.items(), strict=True):
+        for key, style, label in lines:
+            ys = [r[key] for r in rows]
+            ax.errorbar(xs, ys, yerr=[r[f"{key}_std"] for r in rows], fmt=style, label=label,
+                        capsize=3)  # fmt: skip
+        ylabel = "test accuracy gain" if name == "gain" else f"{name} accuracy"
+        ax.set(xlabel=x_label, ylabel=ylabel, title=ylabel)
         if log_x:
             ax.set_xscale("log", base=2)
         ax.legend(fontsize=8)
-    fig.suptitle(title)
+    seeds = len(rows[0]["runs"])
+    fig.suptitle(f"{title}; mean and standard deviation over {seeds} seed(s)")
     fig.tight_layout()
     with _io.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)
@@ -167,18 +193,19 @@ def plot(rows, x_key, x_label, title, path, log_x=False):
 
 
 def table(rows, first_key, first_label):
+    pm = lambda r, key: f"{r[key]:.2%} ± {r[key + '_std']:.2%}"  # noqa: E731
     lines = [
         f"| {first_label} | params | DeepNet test | ResMem test | kNN test | gain | TPR | FPR "
-        "| DeepNet train | ResMem train | k, sigma, T |",
+        "| DeepNet train | ResMem train | k, sigma, T by seed |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        c = r["chosen"]
+        chosen = "; ".join(f"{c['k']}, {c['sigma']}, {c['temperature']}" for c in r["chosen"])
         lines.append(
-            f"| {r[first_key]} | {r['parameters']:,} | {r['test_deepnet']:.2%} | "
-            f"{r['test_resmem']:.2%} | {r['test_knn_labels']:.2%} | {r['gain']:+.2%} | "
+            f"| {r[first_key]} | {r['parameters']:,} | {pm(r, 'test_deepnet')} | "
+            f"{pm(r, 'test_resmem')} | {pm(r, 'test_knn_labels')} | {pm(r, 'gain')} | "
             f"{r['tpr']:.2%} | {r['fpr']:.2%} | {r['train_deepnet']:.2%} | "
-            f"{r['train_resmem']:.2%} | {c['k']}, {c['sigma']}, {c['temperature']} |"
+            f"{pm(r, 'train_resmem')} | {chosen} |"
         )
     return "\n".join(lines)
 
@@ -189,78 +216,83 @@ def main(argv=None):
     parser.add_argument("--fractions", default="0.1,0.25,0.5,1.0")
     parser.add_argument("--widths", default="4,8,16,32")
     parser.add_argument("--noise", default="0,0.2,0.5,1.0")
+    parser.add_argument("--seeds", default="0,1,2", help="each seed: its own split and init")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--val-size", type=int, default=6000)
     parser.add_argument("--test-size", type=int, default=None, help="subset (smoke runs)")
     parser.add_argument("--train-size", type=int, default=None, help="subset (smoke runs)")
     parser.add_argument("--train-eval-size", type=int, default=10000)
     parser.add_argument("--layer", default="pool2")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="results/fashion_mnist_trends")
     args = parser.parse_args(argv)
     sweeps = args.sweeps.split(",")
     unknown = set(sweeps) - {"data", "width", "noise"}
     if unknown:
         parser.error(f"--sweeps takes data, width, noise. Received: {sorted(unknown)}")
+    seeds = [int(v) for v in args.seeds.split(",")]
     out = args.output_dir
-    train, val, test = load_splits(args.val_size, args.seed)
-    if args.train_size:
-        train = (train[0][: args.train_size], train[1][: args.train_size])
-    if args.test_size:
-        test = (test[0][: args.test_size], test[1][: args.test_size])
-    common = dict(
-        epochs=args.epochs, seed=args.seed, layer=args.layer, train_eval_size=args.train_eval_size
-    )
+    common = dict(epochs=args.epochs, layer=args.layer, train_eval_size=args.train_eval_size)
     command = f"`python examples/fashion_mnist_trends.py {' '.join(argv or sys.argv[1:])}`"
-    results, sections = {}, []
-    full_width_16 = None
+    figure = os.path.join(out, "near_misses.png")
 
-    if "data" in sweeps:
+    def splits(seed):
+        train, val, test = load_splits(args.val_size, seed)
+        if args.train_size:
+            train = (train[0][: args.train_size], train[1][: args.train_size])
+        if args.test_size:
+            test = (test[0][: args.test_size], test[1][: args.test_size])
+        return train, val, test
+
+    full_width_16 = {}  # seed -> the full-data, width-16 run, shared by the three sweeps
+
+    def full_run(seed):
+        if seed not in full_width_16:
+            fig = figure if seed == seeds[0] else None
+            full_width_16[seed] = run(splits(seed), width=16, seed=seed, figure=fig, **common)
+        return full_width_16[seed]
+
+    def sweep(name, values, one_run):
         rows = []
-        for fraction in (float(v) for v in args.fractions.split(",")):
-            n = int(round(fraction * len(train[0])))
-            figure = os.path.join(out, "near_misses.png") if fraction == 1.0 else None
-            row = run(((train[0][:n], train[1][:n]), val, test), width=16, figure=figure, **common)
-            row["fraction"] = fraction
+        for value in values:
+            row = aggregate([one_run(value, seed) for seed in seeds], **{name: value})
+            print(f"{name} {value}: " + ", ".join(f"{k} {row[k]:.4f}" for k in METRICS), flush=True)
             rows.append(row)
-            print(f"data {fraction:.0%}: {json.dumps(row, default=str)}", flush=True)
-            if fraction == 1.0:
-                full_width_16 = row
+        return rows
+
+    def data_run(fraction, seed):
+        if fraction == 1.0:
+            return full_run(seed)
+        (x, y), val, test = splits(seed)
+        n = int(round(fraction * len(x)))
+        return run(((x[:n], y[:n]), val, test), width=16, seed=seed, **common)
+
+    def width_run(width, seed):
+        if width == 16:
+            return full_run(seed)
+        return run(splits(seed), width=width, seed=seed, **common)
+
+    def noise_run(noise, seed):
+        if noise == 0:
+            return full_run(seed)
+        (x, y), (xv, yv), test = splits(seed)
+        noisy = ((x, randomize(y, noise, seed)), (xv, randomize(yv, noise, seed + 1)), test)
+        return run(noisy, width=16, seed=seed, **common)
+
+    results, sections = {}, []
+    if "data" in sweeps:
+        rows = sweep("fraction", [float(v) for v in args.fractions.split(",")], data_run)
         results["data"] = rows
         plot(rows, "fraction", "fraction of the training split", "Training-set size (width 16)",
              os.path.join(out, "data_size.png"))  # fmt: skip
         sections.append(("Training-set size (CNN width 16)", table(rows, "fraction", "fraction")))
-
     if "width" in sweeps:
-        rows = []
-        for width in (int(v) for v in args.widths.split(",")):
-            if width == 16 and full_width_16 is not None:
-                row = dict(full_width_16)  # the same run as the data sweep's 100%
-            else:
-                figure = os.path.join(out, "near_misses.png") if width == 16 else None
-                row = run((train, val, test), width=width, figure=figure, **common)
-            rows.append(row)
-            print(f"width {width}: {json.dumps(row, default=str)}", flush=True)
+        rows = sweep("width", [int(v) for v in args.widths.split(",")], width_run)
         results["width"] = rows
         plot(rows, "width", "CNN width (channels of the first conv)", "Network size (full data)",
              os.path.join(out, "width.png"), log_x=True)  # fmt: skip
         sections.append(("Network size (full training split)", table(rows, "width", "width")))
-
     if "noise" in sweeps:
-        rows = []
-        for noise in (float(v) for v in args.noise.split(",")):
-            noisy = (
-                (train[0], randomize(train[1], noise, args.seed)),
-                (val[0], randomize(val[1], noise, args.seed + 1)),
-                test,
-            )
-            if noise == 0 and full_width_16 is not None:
-                row = dict(full_width_16)  # clean labels: the data sweep's 100% run
-            else:
-                row = run(noisy, width=16, **common)
-            row["noise"] = noise
-            rows.append(row)
-            print(f"noise {noise:.0%}: {json.dumps(row, default=str)}", flush=True)
+        rows = sweep("noise", [float(v) for v in args.noise.split(",")], noise_run)
         results["noise"] = rows
         plot(rows, "noise", "fraction of random training labels", "Random labels (width 16)",
              os.path.join(out, "random_labels.png"))  # fmt: skip
@@ -272,16 +304,16 @@ def main(argv=None):
         )
 
     text = (
-        "# Fashion-MNIST trends\n\n"
-        + command
-        + "\n\n"
+        f"# Fashion-MNIST trends\n\n{command}\n\nMean ± standard deviation over seeds "
+        f"{seeds} (each seed: its own validation split and initialisation).\n\n"
         + "\n\n".join(f"## {title}\n\n{body}" for title, body in sections)
     )
-    if full_width_16 and "near_misses" in full_width_16:
-        nm = full_width_16["near_misses"]
+    first = full_width_16.get(seeds[0], {})
+    if "near_misses" in first:
+        nm = first["near_misses"]
         second = nm["fixed_where_true_class_was_deepnet_second"]
         text += (
-            "\n\n## Fixed and broken test images (near_misses.png)\n\n"
+            f"\n\n## Fixed and broken test images (near_misses.png, seed {seeds[0]})\n\n"
             f"ResMem fixed {nm['fixed']} and broke {nm['broke']} test images. In {second} of the "
             "fixed ones the true class was DeepNet's second choice. Most common fixes "
             f"(DeepNet -> ResMem): {nm['most_common_fixes']}"

@@ -140,10 +140,14 @@ def test_trends_example_small_run(tmp_path):
         [
             "--epochs", "1", "--train-size", "2000", "--val-size", "500", "--test-size", "500",
             "--train-eval-size", "300", "--fractions", "0.5,1.0", "--widths", "4,16",
-            "--noise", "0,1.0", "--output-dir", str(tmp_path),
+            "--noise", "0,1.0", "--seeds", "0,1", "--output-dir", str(tmp_path),
         ]
     )  # fmt: skip
     assert [r["fraction"] for r in results["data"]] == [0.5, 1.0]
+    for row in results["data"]:  # mean and spread over the two seeds
+        runs = [r["test_resmem"] for r in row["runs"]]
+        assert len(runs) == 2 and row["test_resmem"] == pytest.approx(np.mean(runs))
+        assert row["test_resmem_std"] == pytest.approx(np.std(runs))
     assert results["data"][0]["train_size"] == 1000
     assert [r["width"] for r in results["width"]] == [4, 16]
     assert results["width"][0]["parameters"] < results["width"][1]["parameters"]
