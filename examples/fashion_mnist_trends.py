@@ -15,7 +15,7 @@ The full-data, width-16 run also writes a figure of test images that ResMem
 fixed and broke, with their nearest training images (the paper's Figure 2).
 Writes tables and PNG figures to `results/fashion_mnist_trends/`.
 
-    python examples/fashion_mnist_trends.py                # 3 seeds, ~25 minutes on 2 CPU cores
+    python examples/fashion_mnist_trends.py                # 3 seeds, ~20 minutes on 2 CPU cores
     python examples/fashion_mnist_trends.py --seeds 0 --sweeps data  # one seed, one sweep
 """
 
