@@ -27,6 +27,7 @@ import tensorflow as tf
 
 import keras_resmem
 from keras_resmem import _io
+from keras_resmem import search as search_lib
 from keras_resmem.datasets import load_fashion_mnist
 
 
@@ -70,7 +71,7 @@ def choose(evaluate, grid, y):
 def export_and_check(resmem, path, x):
     """Exports a SavedModel for TensorFlow Serving and checks it against the Keras model."""
     memory = resmem.get_layer("residual_memory")
-    mode = "portable" if memory.search_backend in ("exact", "ivf") else "scann"
+    mode = "portable" if memory.search_backend in search_lib.PORTABLE_BACKENDS else "scann"
     keras_resmem.export_saved_model(resmem, path, mode=mode, overwrite=True)
     serve = tf.saved_model.load(path).signatures["serving_default"]
     batch = x[:256]

@@ -6,10 +6,21 @@ import shutil
 import tempfile
 
 
-def _umask():
+def _read_umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Read once, at import: os.umask can only be read by setting it, and setting it
+# on every write would briefly change it for the other threads of the process.
+_UMASK = _read_umask()
+
+
+def refuse_existing(path, overwrite):
+    """Raises FileExistsError if `path` exists and `overwrite` is false."""
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists. Pass overwrite=True to replace it.")
 
 
 @contextlib.contextmanager
@@ -29,7 +40,7 @@ def atomic_path(path):
     try:
         yield tmp
         # mkstemp makes the file private (0600); give it the usual permissions.
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -56,8 +67,7 @@ def atomic_directory(path, overwrite=False):
         FileExistsError: `path` exists and `overwrite` is false.
     """
     path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists. Pass overwrite=True to replace it.")
+    refuse_existing(path, overwrite)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
@@ -65,7 +75,7 @@ def atomic_directory(path, overwrite=False):
         yield tmp
         # mkdtemp makes the directory private (0700): a server running as another
         # user could not read the model. Give it the usual permissions.
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~_UMASK)
         if os.path.exists(path):
             old = tempfile.mkdtemp(dir=parent, prefix=".old-")
             os.rmdir(old)

@@ -4,9 +4,12 @@ examples ResMem fixed and broke, with the neighbours that drove each change (Fig
 
 import dataclasses
 
+import keras
 import numpy as np
 
+from keras_resmem import _io
 from keras_resmem.api_export import keras_resmem_export
+from keras_resmem.export import find_memory
 
 
 @keras_resmem_export("keras_resmem.Comparison")
@@ -205,10 +208,6 @@ def neighbors_of(model, x, batch_size=256):
     >>> ids[:, 0]  # each training example is its own nearest neighbour
     array([0, 1], dtype=int32)
     """
-    import keras
-
-    from keras_resmem.export import find_memory
-
     memory = find_memory(model)
     features = keras.Model(model.inputs, memory.input[0])
     embeddings = features.predict(x, batch_size=batch_size, verbose=0)
@@ -263,7 +262,6 @@ def plot_changed_examples(
         raise ImportError(
             "plot_changed_examples needs matplotlib: `pip install 'keras-resmem[examples]'`."
         ) from e
-    from keras_resmem import _io
 
     examples = list(examples)[:max_rows]
     if not examples:

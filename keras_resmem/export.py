@@ -141,8 +141,7 @@ def export_saved_model(
     memory = find_memory(model)
     _check_mode(mode, memory)
     path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists. Pass overwrite=True to replace it.")
+    _io.refuse_existing(path, overwrite)  # before tracing, not after
     # The network part up to the memory: its inputs to the memory's two inputs.
     features = keras.Model(model.inputs, list(memory.input), name=f"{model.name}_features")
     specs = [

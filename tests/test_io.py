@@ -66,13 +66,11 @@ def test_atomic_directory_leaves_the_old_directory_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
-def test_atomic_writes_get_the_usual_permissions(tmp_path):
-    mask = os.umask(0o022)
-    try:
-        _io.write_text(tmp_path / "a.txt", "x")
-        with _io.atomic_directory(tmp_path / "d"):
-            pass
-    finally:
-        os.umask(mask)
+def test_atomic_writes_get_the_usual_permissions(tmp_path, monkeypatch):
+    # The umask is read once at import (reading it means setting it); a typical one:
+    monkeypatch.setattr(_io, "_UMASK", 0o022)
+    _io.write_text(tmp_path / "a.txt", "x")
+    with _io.atomic_directory(tmp_path / "d"):
+        pass
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
