@@ -152,7 +152,7 @@ def default_ivf_options(memory_size):
     `iterations`: k-means (Lloyd) iterations. `seed`: the k-means seed.
 
     Measured on Fashion-MNIST `pre_logits` embeddings: recall@50 of 0.99 at
-    1,020,000 entries (4,040 partitions; 6x the queries per second of exact
+    1,020,000 entries (4,040 partitions; 5x the queries per second of exact
     search at batch 256, `benchmarks/ivf_search.py`) and 0.994 at 60,000.
     Isotropic Gaussian clusters are harder (0.89 on 40k 16-d keys): where
     recall matters, measure it and raise `num_probes`.
