@@ -1,12 +1,14 @@
 """`attach_memory`: turn a trained Keras model into its ResMem model."""
 
+import math
+
 import keras
 import numpy as np
 import tensorflow as tf
 
 from keras_resmem import residuals as residuals_lib
 from keras_resmem.api_export import keras_resmem_export
-from keras_resmem.residual_memory import ResidualMemory
+from keras_resmem.residual_memory import ResidualMemory, _MemoryWriter
 
 
 def _check_model(model):
@@ -68,29 +70,40 @@ def _outputs_are_probabilities(output_tensor):
 
 
 def _as_dataset(data, batch_size, input_rank):
+    """`data` as a batched dataset of `(x, y)` or `(x, y, sample_weight)`."""
     if isinstance(data, tf.data.Dataset):
         spec = data.element_spec
-        if not (isinstance(spec, tuple) and len(spec) == 2):
+        if not (isinstance(spec, tuple) and len(spec) in (2, 3)):
             raise ValueError(
-                "`data` must be a `tf.data.Dataset` of `(x, y)` pairs. "
+                "`data` must be a `tf.data.Dataset` of `(x, y)` or `(x, y, sample_weight)`. "
                 f"Received: a dataset with element_spec={spec}"
             )
         x_spec = tf.nest.flatten(spec[0])[0]
         if x_spec.shape.rank is not None and x_spec.shape.rank == input_rank - 1:
             data = data.batch(batch_size)
         return data
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        x, y = data
-        if len(tf.nest.flatten(x)[0]) != len(y):
-            raise ValueError(
-                "`data` must be `(x, y)` with one label per example. Received: "
-                f"{len(tf.nest.flatten(x)[0])} examples and {len(y)} labels"
-            )
-        return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+    if isinstance(data, (tuple, list)) and len(data) in (2, 3):
+        n = len(tf.nest.flatten(data[0])[0])
+        for name, part in zip(("labels", "sample weights"), data[1:], strict=False):
+            if len(part) != n:
+                raise ValueError(
+                    f"`data` must be `(x, y)` or `(x, y, sample_weight)` with one row of "
+                    f"{name} per example. Received: {n} examples and {len(part)} rows of {name}"
+                )
+        return tf.data.Dataset.from_tensor_slices(tuple(data)).batch(batch_size)
     raise ValueError(
-        "`data` must be a `tf.data.Dataset` of `(x, y)` or a tuple `(x, y)` of arrays. "
-        f"Received: {type(data).__name__}"
+        "`data` must be a `tf.data.Dataset` of `(x, y)` or `(x, y, sample_weight)`, or a "
+        f"tuple of arrays. Received: {type(data).__name__}"
     )
+
+
+def _num_entries(data, positions):
+    """The number of memory entries in array `data`, or None if it cannot be known."""
+    if isinstance(data, tf.data.Dataset) or positions is None:
+        return None
+    if len(data) == 3:
+        return int(np.count_nonzero(np.asarray(data[2])))
+    return len(tf.nest.flatten(data[0])[0]) * positions
 
 
 def _class_ids(y, num_classes, start):
@@ -128,7 +141,48 @@ def _class_ids(y, num_classes, start):
     return y.astype(np.int32)
 
 
+def _batch_entries(step, emb, out, y, sample_weight, task):
+    """One batch's memory entries: `(keys, outputs, targets, count)`, one row each.
+
+    Every position of a sequence output `(batch, time, c)` is an entry; entries
+    whose sample weight is 0 are left out.
+    """
+    lead = out.shape[:-1]
+    n = math.prod(lead)
+    if emb.shape[: len(lead)] != lead:
+        raise ValueError(
+            f"The embedding layer's output {emb.shape} must start with the model output's "
+            f"leading dimensions {lead} (batch, or batch and time), so that every output "
+            f"position has its own key. Received in batch {step}."
+        )
+    keys = emb.reshape(n, -1)
+    out = out.reshape(n, -1)
+    c = out.shape[1]
+    if task == "classification" and y.size == n:
+        y = y.reshape(n)
+    elif y.size == n * c:
+        y = y.reshape(n, c)
+    else:
+        raise ValueError(
+            f"Batch {step} of `data` has outputs of shape {lead + (c,)} but labels of shape "
+            f"{y.shape}. Labels must be class ids of shape {lead} or one-hot rows of shape "
+            f"{lead + (c,)} (regression: targets of shape {lead + (c,)})."
+        )
+    if not sample_weight:
+        return keys, out, y, n
+    weight = np.asarray(sample_weight[0])
+    if weight.size != n:
+        raise ValueError(
+            f"Batch {step} of `data` has sample weights of shape {weight.shape}; they must "
+            f"have the outputs' leading shape {lead} (one weight per entry)."
+        )
+    kept = weight.reshape(n) != 0
+    return keys[kept], out[kept], y[kept], int(kept.sum())
+
+
 def _check_finite(name, values, layer_name, start):
+    if len(values) == 0:
+        return
     bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
     if bad.any():
         raise ValueError(
@@ -149,6 +203,7 @@ def attach_memory(
     temperature=1.0,
     task="classification",
     search="auto",
+    sparse_residuals=None,
     batch_size=256,
     from_logits=None,
     scann_options=None,
@@ -164,15 +219,28 @@ def attach_memory(
     ResMem prediction (see `keras_resmem.ResidualMemory`). `model` itself is
     not modified: the new model shares its layers and weights.
 
+    Sequence models work the same way: with outputs `(batch, time, vocab)`
+    and an embedding layer `(batch, time, dim)`, every position is a memory
+    entry, and labels are `(batch, time)` token ids. Sample weights of 0 leave
+    positions out (padding, or context that an overlapping window memorizes).
+
+    The memory is built in one streamed pass: for arrays, each batch goes
+    straight into the memory's variables, so no more than one batch of
+    activations is held beside the memory. (A `tf.data.Dataset` does not say
+    in advance how many entries it holds; its entries are gathered first,
+    which takes about twice the memory's size at the peak.)
+
     Args:
         model: a trained functional or Sequential Keras model with one output:
             class scores (logits, or a softmax) for classification, or
             predictions for regression.
         layer_name: the name of the layer whose output is the embedding (the
             paper uses the pre-logit layer).
-        data: the training data: a `tf.data.Dataset` of `(x, y)` (batched or
-            not), or a tuple `(x, y)` of arrays. Labels are integer class ids
-            or one-hot rows; regression targets have the output's width.
+        data: the training data: a `tf.data.Dataset` of `(x, y)` or
+            `(x, y, sample_weight)` (batched or not), or a tuple of arrays.
+            Labels are integer class ids or one-hot rows; regression targets
+            have the output's width. Entries whose sample weight is 0 are not
+            memorized.
         k: the number of neighbours combined.
         sigma: the distance scale of the neighbour weights.
         temperature: the softmax temperature `T` (classification).
@@ -180,6 +248,9 @@ def attach_memory(
         search: `"auto"`, `"exact"`, `"ivf"` or `"scann"`; see `ResidualMemory`.
             For a SavedModel that stock TensorFlow Serving can load, use
             `"exact"` or `"ivf"` (see `keras_resmem.export_saved_model`).
+        sparse_residuals: `None` to store the outputs whole, or `m` to store
+            each residual's `m` largest-magnitude entries (for outputs as wide
+            as a vocabulary); see `ResidualMemory`.
         batch_size: batch size for arrays and unbatched datasets.
         from_logits: whether the model outputs logits. `None` detects it: a
             model whose last layer applies a softmax outputs probabilities.
@@ -226,6 +297,7 @@ def attach_memory(
         temperature=temperature,
         task=task,
         search=search,
+        sparse_residuals=sparse_residuals,
         from_logits=True,
         scann_options=scann_options,
         ivf_options=ivf_options,
@@ -245,42 +317,33 @@ def attach_memory(
     memory.from_logits = bool(from_logits) if from_logits is not None else True
 
     features = keras.Model(model.inputs, [embedding, output])
-    predict = tf.function(lambda x: features(x, training=False), reduce_retracing=True)
+    predict = tf.function(
+        lambda x: features(x, training=False), reduce_retracing=True, autograph=False
+    )
     dataset = _as_dataset(data, batch_size, len(model.inputs[0].shape))
+    positions = None if None in output.shape[1:-1] else math.prod(output.shape[1:-1])
+    writer = _MemoryWriter(memory, capacity=_num_entries(data, positions))
     cardinality = int(dataset.cardinality())
     progbar = keras.utils.Progbar(
         cardinality if cardinality > 0 else None, verbose=verbose, unit_name="batch"
     )
-    embeddings, scores, targets = [], [], []
     seen = 0
-    for step, (x, y) in enumerate(dataset):
+    for step, batch in enumerate(dataset):
+        x, y = batch[0], batch[1]
         emb, out = (t.numpy() for t in predict(x))
-        y = np.asarray(y)
-        if len(y) != len(out):
-            raise ValueError(f"Batch {step} of `data` has {len(out)} inputs but {len(y)} labels.")
-        _check_finite("embeddings", emb, layer_name, seen)
+        keys, out, y, kept = _batch_entries(step, emb, out, np.asarray(y), batch[2:], task)
+        _check_finite("embeddings", keys, layer_name, seen)
         _check_finite("model outputs", out, layer_name, seen)
         if task == "classification":
             y = _class_ids(y, num_outputs, seen)
-        else:
-            y = y.astype(np.float32).reshape(len(y), -1)
-            if y.shape[1] != out.shape[-1]:
-                raise ValueError(
-                    f"Regression targets are {y.shape[1]} wide but the model has "
-                    f"{out.shape[-1]} outputs."
-                )
-        embeddings.append(emb.reshape(len(emb), -1))
-        scores.append(out.reshape(len(out), -1))
-        targets.append(y)
-        seen += len(y)
+        writer.write(keys, out, y)
+        seen += kept
         progbar.update(step + 1)
     if seen == 0:
-        raise ValueError("`data` is empty: a memory needs at least one training example.")
-    memory.memorize(
-        np.concatenate(embeddings),
-        np.concatenate(scores),
-        np.concatenate(targets),
-        verbose=verbose,
-    )
+        raise ValueError(
+            "`data` is empty (or every sample weight is 0): a memory needs at least one "
+            "training example."
+        )
+    writer.close(verbose=verbose)
     prediction = memory([embedding, output])
     return keras.Model(model.inputs, prediction, name=name or f"{model.name}_resmem")

@@ -49,6 +49,17 @@ class ResidualMemory(keras.layers.Layer):
     and `temperature` can be changed at any time (they are variables: a change
     reaches already-compiled models), without running the network again.
 
+    Outputs as wide as a vocabulary (language models) are too big to store
+    whole for millions of entries. With `sparse_residuals=m` the layer stores
+    only the `m` largest-magnitude entries of each residual, in float16, and
+    counts the rest as zero (the paper keeps 128 of 32,128). The residuals are
+    then computed once, when the memory is built, so `temperature` is fixed
+    from then on; `k` and `sigma` still change freely.
+
+    Inputs may be sequences: embeddings `(batch, time, dim)` and scores
+    `(batch, time, vocab)`. Every position is a query, searched in the same
+    memory.
+
     Most users get this layer from `keras_resmem.attach_memory`, which runs the
     network over the training data and calls `memorize`.
 
@@ -64,27 +75,34 @@ class ResidualMemory(keras.layers.Layer):
             TensorFlow ops: runs on stock TensorFlow Serving), `"scann"`
             (approximate, ScaNN's custom ops), or `"auto"` (exact below 200,000
             entries, else IVF).
+        sparse_residuals: `None` (store the network's outputs, dense), or
+            `m`, the number of largest-magnitude residual entries stored per
+            memory entry (classification only).
         memory_size, key_dim, num_outputs: the memory's shape. Set by
             `memorize`; given only when re-creating a layer from its config.
         chunk_size: exact search scores this many memory entries at once,
             which bounds its memory use.
-        scann_options: overrides of the ScaNN settings (`num_leaves`,
-            `num_leaves_to_search`, `training_sample_size`,
-            `dimensions_per_block`, `reorder`, `brute_force`).
+        scann_options: overrides of the ScaNN settings (`brute_force`,
+            `num_leaves`, `num_leaves_to_search`, `training_sample_size`,
+            `scoring`: `"exact"` or `"ah"`, and for `"ah"`
+            `dimensions_per_block` and `reorder`); see
+            `keras_resmem.search.default_scann_options`.
         ivf_options: overrides of the IVF settings (`num_partitions`,
             `num_probes`, `training_sample_size`, `iterations`, `seed`); see
             `keras_resmem.search.default_ivf_options`.
         **kwargs: base layer keyword arguments, such as `name`.
 
     Call arguments:
-        inputs: a list `[embeddings, scores]`: `embeddings` of shape
-            `(batch, ...)` (flattened to `key_dim`) and `scores`, the network's
-            output, `(batch, num_outputs)`.
+        inputs: a list `[embeddings, scores]`: `scores` is the network's
+            output, `(batch, num_outputs)` or `(batch, time, num_outputs)`;
+            `embeddings` has the same leading dimensions, and the rest are
+            flattened to `key_dim`.
         return_neighbors: if `True`, also return the int32 neighbour ids and
-            their weights, each `(batch, k)`, nearest first.
+            their weights, each `(batch, k)` (or `(batch, time, k)`), nearest
+            first.
 
     Returns:
-        The ResMem prediction `(batch, num_outputs)`; with `return_neighbors`,
+        The ResMem prediction, shaped like `scores`; with `return_neighbors`,
         a tuple `(prediction, neighbor_ids, neighbor_weights)`.
 
     Example:
@@ -111,6 +129,7 @@ class ResidualMemory(keras.layers.Layer):
         task="classification",
         from_logits=True,
         search="auto",
+        sparse_residuals=None,
         memory_size=None,
         key_dim=None,
         num_outputs=None,
@@ -139,6 +158,19 @@ class ResidualMemory(keras.layers.Layer):
         ):
             if value is not None:
                 _check_positive_int(name, value)
+        if sparse_residuals is not None:
+            sparse_residuals = _check_positive_int("sparse_residuals", sparse_residuals)
+            if task != "classification":
+                raise ValueError(
+                    "`sparse_residuals` applies to classification only; regression residuals "
+                    f"are stored whole. Received: sparse_residuals={sparse_residuals}, "
+                    f"task={task!r}"
+                )
+            if num_outputs is not None and sparse_residuals > num_outputs:
+                raise ValueError(
+                    f"`sparse_residuals` must be at most num_outputs={num_outputs}. "
+                    f"Received: sparse_residuals={sparse_residuals}"
+                )
         if scann_options is not None and not isinstance(scann_options, dict):
             raise ValueError(
                 f"`scann_options` must be a dict. Received: scann_options={scann_options!r}"
@@ -146,10 +178,13 @@ class ResidualMemory(keras.layers.Layer):
         self.task = task
         self.from_logits = from_logits
         self.search = search
+        self.sparse_residuals = sparse_residuals
         self.memory_size = None if memory_size is None else int(memory_size)
         self.key_dim = None if key_dim is None else int(key_dim)
         self.num_outputs = None if num_outputs is None else int(num_outputs)
         self.chunk_size = _check_positive_int("chunk_size", chunk_size)
+        # Unknown names and bad values fail now, not after a pass over the data.
+        search_lib.resolve_scann_options(1_000_000, 2, scann_options)
         self.scann_options = dict(scann_options) if scann_options else None
         if ivf_options is not None and not isinstance(ivf_options, dict):
             raise ValueError(f"`ivf_options` must be a dict. Received: ivf_options={ivf_options!r}")
@@ -158,6 +193,7 @@ class ResidualMemory(keras.layers.Layer):
         self.ivf_options = dict(ivf_options) if ivf_options else None
         self._hparam_vars = None
         self._searcher = None
+        self._filling = False
         self.k = k
         self.sigma = sigma
         self.temperature = temperature
@@ -211,7 +247,17 @@ class ResidualMemory(keras.layers.Layer):
 
     @temperature.setter
     def temperature(self, value):
-        self._set_hparam("temperature", _check_positive_float("temperature", value))
+        value = _check_positive_float("temperature", value)
+        if self.sparse_residuals is not None and self._hparam_vars is not None:
+            if value != self.temperature:
+                raise ValueError(
+                    "The residuals of a sparse memory are computed with the temperature when "
+                    f"it is built (temperature={self.temperature}); build it again "
+                    "(`memorize` or `keras_resmem.attach_memory`) to use another. "
+                    f"Received: temperature={value}"
+                )
+            return
+        self._set_hparam("temperature", value)
 
     @property
     def num_probes(self):
@@ -264,11 +310,34 @@ class ResidualMemory(keras.layers.Layer):
             "temperature": self._temperature_value,
         }
         self.keys = self.add_weight(
-            name="keys", shape=(n, self.key_dim), initializer="zeros", trainable=False
+            name="keys",
+            shape=(n, self.key_dim),
+            initializer=self._entry_initializer(),
+            trainable=False,
         )
-        self.memory_scores = self.add_weight(
-            name="memory_scores", shape=(n, c), initializer="zeros", trainable=False
-        )
+        if self.sparse_residuals is None:
+            self.memory_scores = self.add_weight(
+                name="memory_scores",
+                shape=(n, c),
+                initializer=self._entry_initializer(),
+                trainable=False,
+            )
+        else:
+            m = self.sparse_residuals
+            self.residual_ids = self.add_weight(
+                name="residual_ids",
+                shape=(n, m),
+                dtype="int32",
+                initializer=self._entry_initializer(),
+                trainable=False,
+            )
+            self.residual_values = self.add_weight(
+                name="residual_values",
+                shape=(n, m),
+                dtype="float16",
+                initializer=self._entry_initializer(),
+                trainable=False,
+            )
         target_shape, target_dtype = (
             ((n,), "int32") if self.task == "classification" else ((n, c), "float32")
         )
@@ -276,7 +345,7 @@ class ResidualMemory(keras.layers.Layer):
             name="memory_targets",
             shape=target_shape,
             dtype=target_dtype,
-            initializer="zeros",
+            initializer=self._entry_initializer(),
             trainable=False,
         )
         self._hparam_vars = {
@@ -299,6 +368,15 @@ class ResidualMemory(keras.layers.Layer):
             self._build_ivf()
         self.built = True
 
+    def _key_array(self):
+        # A read-only view of the key variable: `.numpy()` would copy it.
+        return np.asarray(tf.convert_to_tensor(self.keys))
+
+    def _entry_initializer(self):
+        # A memory being filled gets uninitialized per-entry variables: their
+        # pages take no RAM until written, so the memory never exists twice.
+        return _unwritten if self._filling else "zeros"
+
     def _build_ivf(self):
         opts = self._ivf_options_in_use()
         p = opts["num_partitions"]
@@ -316,7 +394,7 @@ class ResidualMemory(keras.layers.Layer):
             name="ivf_ids",
             shape=(self.memory_size,),
             dtype="int32",
-            initializer="zeros",
+            initializer=self._entry_initializer(),
             trainable=False,
         )
         self._hparam_vars["num_probes"] = self.add_weight(
@@ -387,7 +465,18 @@ class ResidualMemory(keras.layers.Layer):
                     f"`{name}` contains NaN or infinite values, in {int(bad.sum())} of {n} "
                     f"entries (the first at index {int(np.argmax(bad))})."
                 )
-        shape = (n, embeddings.shape[1], scores.shape[1])
+        writer = _MemoryWriter(self, capacity=n)
+        for i in range(0, n, _WRITE_ROWS):
+            writer.write(
+                embeddings[i : i + _WRITE_ROWS],
+                scores[i : i + _WRITE_ROWS],
+                targets[i : i + _WRITE_ROWS],
+            )
+        writer.close(verbose=verbose)
+
+    def _allocate(self, n, key_dim, num_outputs):
+        """Creates (or re-uses) the variables of an `n`-entry memory."""
+        shape = (n, key_dim, num_outputs)
         if self.built and shape != (self.memory_size, self.key_dim, self.num_outputs):
             raise ValueError(
                 "This layer already holds a memory of a different shape "
@@ -398,21 +487,87 @@ class ResidualMemory(keras.layers.Layer):
             raise ValueError(
                 f"`k` must be at most the memory size ({n} entries). Received: k={self.k}"
             )
+        self._check_num_outputs(num_outputs)
         self.memory_size, self.key_dim, self.num_outputs = shape
         if not self.built:
-            self.build()
-        self.keys.assign(embeddings)
-        self.memory_scores.assign(scores)
-        self.memory_targets.assign(targets)
+            self._filling = True
+            try:
+                self.build()
+            finally:
+                self._filling = False
+
+    def _check_num_outputs(self, num_outputs):
+        if self.sparse_residuals is not None and self.sparse_residuals > num_outputs:
+            raise ValueError(
+                f"`sparse_residuals` must be at most the number of outputs ({num_outputs}). "
+                f"Received: sparse_residuals={self.sparse_residuals}"
+            )
+
+    def _entry_arrays(self, scores, targets):
+        """What the memory stores per entry, by variable name, from validated arrays."""
+        if self.sparse_residuals is None:
+            return {"memory_scores": scores, "memory_targets": targets}
+        ids, values = residuals_lib.sparse_residuals(
+            scores,
+            targets,
+            self.sparse_residuals,
+            temperature=self.temperature,
+            from_logits=self.from_logits,
+        )
+        return {
+            "residual_ids": ids.numpy(),
+            "residual_values": values.numpy(),
+            "memory_targets": targets,
+        }
+
+    def _build_index(self, verbose=0):
         if self.search_backend == "scann":
-            self._searcher = search_lib.ScannSearch.build(embeddings, self.scann_options)
+            self._searcher = search_lib.ScannSearch.build(self._key_array(), self.scann_options)
         elif self.search_backend == "ivf":
             centroids, offsets, ids = search_lib.train_ivf(
-                embeddings, self._ivf_options_in_use(), verbose=verbose
+                self._key_array(), self._ivf_options_in_use(), verbose=verbose
             )
             self.ivf_centroids.assign(centroids)
             self.ivf_offsets.assign(offsets)
             self.ivf_ids.assign(ids)
+
+    def storage_bytes(self):
+        """The memory's size in bytes, by part.
+
+        Returns:
+            A dict: `"keys"`, `"residuals"` (the stored network outputs, or
+            the sparse residual entries), `"targets"`, `"index"` (IVF's lists
+            and centroids, or ScaNN's serialized index; 0 for exact search)
+            and `"total"`. Divide by `memory_size` for bytes per entry.
+        """
+        if not self.built:
+            raise ValueError("This ResidualMemory holds no memory yet: call `memorize` first.")
+
+        def nbytes(*variables):
+            return sum(
+                math.prod(v.shape) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
+                for v in variables
+            )
+
+        if self.sparse_residuals is None:
+            residual_bytes = nbytes(self.memory_scores)
+        else:
+            residual_bytes = nbytes(self.residual_ids, self.residual_values)
+        index_bytes = 0
+        if self.search_backend == "ivf":
+            index_bytes = nbytes(self.ivf_centroids, self.ivf_offsets, self.ivf_ids)
+        elif self.search_backend == "scann":
+            index_bytes = sum(
+                _tensor_bytes(t) for t in self._ensure_searcher().index_tensors().values()
+            )
+        sizes = {
+            "keys": nbytes(self.keys),
+            "residuals": residual_bytes,
+            "targets": nbytes(self.memory_targets),
+            "index": index_bytes,
+        }
+        sizes["total"] = sum(sizes.values())
+        return sizes
 
     def _check_targets(self, targets, n, c):
         if len(targets) != n:
@@ -446,7 +601,7 @@ class ResidualMemory(keras.layers.Layer):
             # A ScaNN memory loaded without its index (e.g. from a weights
             # file): rebuild the index from the keys, eagerly, once.
             with tf.init_scope():
-                self._searcher = search_lib.ScannSearch.build(self.keys.numpy(), self.scann_options)
+                self._searcher = search_lib.ScannSearch.build(self._key_array(), self.scann_options)
         return self._searcher
 
     def _hparam_tensor(self, name):
@@ -488,16 +643,27 @@ class ResidualMemory(keras.layers.Layer):
         flat_scores = tf.reshape(scores, [-1, self.num_outputs])
         queries = tf.reshape(tf.cast(embeddings, tf.float32), [-1, self.key_dim])
         ids, distances = self._search(queries)
-        prediction, weights = residuals_lib.resmem_prediction(
-            flat_scores,
-            tf.gather(self.memory_scores, ids),
-            tf.gather(self.memory_targets, ids),
-            distances,
-            sigma=self._hparam_tensor("sigma"),
-            temperature=self._hparam_tensor("temperature"),
-            task=self.task,
-            from_logits=self.from_logits,
-        )
+        if self.sparse_residuals is None:
+            prediction, weights = residuals_lib.resmem_prediction(
+                flat_scores,
+                tf.gather(self.memory_scores, ids),
+                tf.gather(self.memory_targets, ids),
+                distances,
+                sigma=self._hparam_tensor("sigma"),
+                temperature=self._hparam_tensor("temperature"),
+                task=self.task,
+                from_logits=self.from_logits,
+            )
+        else:
+            prediction, weights = residuals_lib.sparse_resmem_prediction(
+                flat_scores,
+                tf.gather(self.residual_ids, ids),
+                tf.gather(self.residual_values, ids),
+                distances,
+                sigma=self._hparam_tensor("sigma"),
+                temperature=self._hparam_tensor("temperature"),
+                from_logits=self.from_logits,
+            )
         prediction = tf.reshape(prediction, tf.shape(scores))
         if not return_neighbors:
             return prediction
@@ -534,9 +700,7 @@ class ResidualMemory(keras.layers.Layer):
             )
 
     def _scann_options_in_use(self):
-        opts = search_lib.default_scann_options(self.memory_size, self.key_dim)
-        opts.update(self.scann_options or {})
-        return opts
+        return search_lib.resolve_scann_options(self.memory_size, self.key_dim, self.scann_options)
 
     def get_config(self):
         config = super().get_config()
@@ -548,6 +712,7 @@ class ResidualMemory(keras.layers.Layer):
                 "task": self.task,
                 "from_logits": self.from_logits,
                 "search": self.search,
+                "sparse_residuals": self.sparse_residuals,
                 "memory_size": self.memory_size,
                 "key_dim": self.key_dim,
                 "num_outputs": self.num_outputs,
@@ -557,3 +722,92 @@ class ResidualMemory(keras.layers.Layer):
             }
         )
         return config
+
+
+# Rows written to the variables at once by `memorize` (bounds its temporary memory).
+_WRITE_ROWS = 16384
+
+
+def _unwritten(shape, dtype=None):
+    """An uninitialized tensor (every entry is written before the memory is used)."""
+    return tf.raw_ops.Empty(shape=shape, dtype=dtype or "float32", init=False)
+
+
+def _tensor_bytes(tensor):
+    array = np.asarray(tensor)
+    if array.dtype == object:  # tf.string: serialized protos
+        return sum(len(b) for b in array.reshape(-1))
+    return int(array.nbytes)
+
+
+def _assign_rows(variable, start, values):
+    """`variable[start:start + len(values)] = values`, in place."""
+    tf.raw_ops.ResourceStridedSliceAssign(
+        ref=variable.handle,
+        begin=[start],
+        end=[start + len(values)],
+        strides=[1],
+        value=tf.convert_to_tensor(values, dtype=variable.dtype),
+    )
+
+
+class _MemoryWriter:
+    """Streams entries into a `ResidualMemory`, a batch at a time.
+
+    With `capacity` (the number of entries) known in advance, each batch goes
+    straight into the layer's variables: only the memory itself and one batch
+    are ever held. Without it, batches are kept as they come and copied into
+    the variables at the end, each batch freed once copied; the variables'
+    pages take RAM only as they are written, so the memory is never held
+    twice there either.
+    """
+
+    def __init__(self, memory, capacity=None):
+        self.memory = memory
+        self.capacity = capacity
+        self.count = 0
+        self.buffers = None
+
+    def write(self, keys, scores, targets):
+        """Adds entries: `keys (b, d)` float32, `scores (b, c)`, validated `targets`."""
+        if len(keys) == 0:
+            return
+        self.memory._check_num_outputs(scores.shape[1])
+        arrays = {"keys": keys, **self.memory._entry_arrays(scores, targets)}
+        if self.count == 0:
+            self.key_dim, self.num_outputs = keys.shape[1], scores.shape[1]
+            if self.capacity is not None:
+                self.memory._allocate(self.capacity, self.key_dim, self.num_outputs)
+            else:
+                self.buffers = {name: [] for name in arrays}
+        if self.capacity is not None:
+            if self.count + len(keys) > self.capacity:
+                raise ValueError(
+                    f"The data gave more memory entries than the {self.capacity} expected."
+                )
+            for name, values in arrays.items():
+                _assign_rows(getattr(self.memory, name), self.count, values)
+        else:
+            for name, values in arrays.items():
+                self.buffers[name].append(np.ascontiguousarray(values))
+        self.count += len(keys)
+
+    def close(self, verbose=0):
+        """Finishes the memory and builds its search index."""
+        if self.count == 0:
+            raise ValueError("No memory entries: a memory needs at least one training example.")
+        if self.capacity is not None and self.count != self.capacity:
+            raise ValueError(
+                f"The data gave {self.count} memory entries, not the {self.capacity} expected."
+            )
+        if self.buffers is not None:
+            self.memory._allocate(self.count, self.key_dim, self.num_outputs)
+            for name, chunks in self.buffers.items():
+                start = 0
+                chunks.reverse()
+                while chunks:
+                    rows = chunks.pop()
+                    _assign_rows(getattr(self.memory, name), start, rows)
+                    start += len(rows)
+            self.buffers = None
+        self.memory._build_index(verbose=verbose)

@@ -2,9 +2,11 @@
 
 Classification: `r = onehot(y) - softmax(logits / T)`, prediction
 `softmax(logits / T) + r_kNN`. Regression: `r = y - f(x)`, prediction
-`f(x) + r_kNN`. Residuals are computed from the stored network outputs when a
-neighbour is used, not stored, so changing `T` never needs another pass of the
-network over the training set.
+`f(x) + r_kNN`. A dense memory computes residuals from the stored network
+outputs when a neighbour is used, so changing `T` never needs another pass of
+the network over the training set. A sparse memory (for outputs as wide as a
+vocabulary) stores each residual's `m` largest-magnitude entries instead, with
+`T` fixed when it is built; the entries not stored count as zero.
 """
 
 import tensorflow as tf
@@ -70,3 +72,57 @@ def resmem_prediction(
     weights = neighbor_weights(distances, sigma)
     r = residuals(neighbor_scores, neighbor_targets, **options)
     return base_prediction(scores, **options) + tf.einsum("mk,mkc->mc", weights, r), weights
+
+
+def sparse_residuals(scores, targets, size, *, temperature, from_logits):
+    """The `size` largest-magnitude entries of each classification residual.
+
+    Args:
+        scores: `(n, c)` network outputs.
+        targets: `(n,)` int class ids.
+        size: `m`, the entries kept per residual.
+
+    Returns:
+        `(ids, values)`, each `(n, m)`: int32 class ids and float16 residual
+        values, largest magnitude first.
+    """
+    r = residuals(
+        scores, targets, task="classification", temperature=temperature, from_logits=from_logits
+    )
+    _, ids = tf.math.top_k(tf.abs(r), k=size)
+    return ids, tf.cast(tf.gather(r, ids, batch_dims=1), tf.float16)
+
+
+def sparse_combination(weights, ids, values, num_outputs):
+    """`sum_i w_i r_i` for sparse residuals, as a dense `(m, c)` tensor.
+
+    Args:
+        weights: `(m, k)` neighbour weights.
+        ids: `(m, k, s)` the class ids of the stored residual entries.
+        values: `(m, k, s)` their values; every other entry is zero.
+        num_outputs: `c`, the width of the result.
+    """
+    contributions = weights[:, :, None] * tf.cast(values, weights.dtype)
+    rows = tf.broadcast_to(tf.range(tf.shape(ids)[0])[:, None, None], tf.shape(ids))
+    indices = tf.stack([rows, ids], axis=-1)
+    # scatter_nd adds up repeated indices: the same class in several neighbours.
+    return tf.scatter_nd(indices, contributions, tf.stack([tf.shape(ids)[0], num_outputs]))
+
+
+def sparse_resmem_prediction(
+    scores, neighbor_ids, neighbor_values, distances, *, sigma, temperature, from_logits
+):
+    """`softmax(logits / T) + sum_i w_i r_i` with sparse residuals, and the weights.
+
+    Args:
+        scores: `(m, c)` the network's outputs on the queries.
+        neighbor_ids, neighbor_values: `(m, k, s)` the neighbours' stored
+            residual entries (see `sparse_residuals`).
+        distances: `(m, k)` L2 distances to the neighbours.
+    """
+    weights = neighbor_weights(distances, sigma)
+    base = base_prediction(
+        scores, task="classification", temperature=temperature, from_logits=from_logits
+    )
+    r_knn = sparse_combination(weights, neighbor_ids, neighbor_values, tf.shape(scores)[-1])
+    return base + r_knn, weights

@@ -188,10 +188,18 @@ def resolve_ivf_options(memory_size, options):
     return opts
 
 
-def _nearest_centroids(points, centroids, chunk_size=65_536):
-    """Index of the nearest centroid of each point (L2), in chunks of points."""
+def _nearest_centroids(points, centroids, max_scores=2**22):
+    """Index of the nearest centroid of each point (L2), in chunks of points.
+
+    A chunk scores at most about `max_scores` (point, centroid) pairs at once
+    (16 MiB of float32), so that memory stays flat however many centroids:
+    65,536 points at a time against the 8,944 centroids of a 5M-entry memory
+    was a 2.3 GB score matrix, and its argmin ran on one core; chunks of
+    ~500 points were 1.6x faster there.
+    """
     centroids = tf.convert_to_tensor(centroids)
     c_sq = tf.reduce_sum(tf.square(centroids), axis=-1)
+    chunk_size = int(min(65_536, max(256, max_scores // int(centroids.shape[0]))))
     out = np.empty(len(points), dtype=np.int32)
     for start in range(0, len(points), chunk_size):
         chunk = tf.convert_to_tensor(points[start : start + chunk_size])
@@ -326,7 +334,17 @@ class IVFSearch:
         return tf.cond(m > 0, search_all, lambda: tf.zeros([0, k], tf.int32))
 
 
+# ScaNN's search ops only read their searcher. Declared so, TensorFlow's
+# automatic control dependencies stop serialising them, and the query shards
+# of one batch (`ScannSearch.search`) run on several cores at once.
+_SCANN_READ_ONLY_OPS = ("Scann>ScannSearch", "Scann>ScannSearchBatched")
+_scann_ops_module = None
+
+
 def _scann_ops():
+    global _scann_ops_module
+    if _scann_ops_module is not None:
+        return _scann_ops_module
     try:
         from scann.scann_ops.py import scann_ops
     except ImportError as e:  # pragma: no cover - scann is a hard dependency
@@ -334,36 +352,120 @@ def _scann_ops():
             "The ScaNN search backend needs ScaNN's TensorFlow ops: "
             "`pip install 'scann[tf]==1.4.2' 'tensorflow~=2.20.0'`."
         ) from e
+    try:
+        from tensorflow.python.framework import auto_control_deps_utils
+    except ImportError:  # pragma: no cover - a TensorFlow without this module
+        pass  # shards still give the right answer, one after another
+    else:
+        for op_type in _SCANN_READ_ONLY_OPS:
+            auto_control_deps_utils.register_read_only_resource_op(op_type)
+    _scann_ops_module = scann_ops
     return scann_ops
 
 
-def default_scann_options(memory_size, key_dim):
-    """ScaNN settings: ~sqrt(n) leaves, a 10th searched, 1,000 candidates re-ranked.
+SCANN_SCORING = ("exact", "ah")
+# Options that only asymmetric hashing uses: given without `scoring`, they ask for it.
+_SCANN_AH_OPTIONS = ("dimensions_per_block", "reorder")
+SCANN_OPTIONS = (
+    "brute_force",
+    "num_leaves",
+    "num_leaves_to_search",
+    "training_sample_size",
+    "scoring",
+) + _SCANN_AH_OPTIONS
 
-    Partitioning into ~sqrt(n) leaves and searching a 10th of them (at least
-    16), with asymmetric hashing and exact float re-ranking of the best 1,000
-    candidates. Small memories are scored brute force (exact). Recall@50 on
-    Fashion-MNIST `pre_logits` embeddings: 0.997 at 60k entries, but only 0.88
-    at 1M (near-duplicate augmented images; IVF reached 0.99 there). A 20th of
-    the leaves was 15% faster at 60k, but on unclustered 6-d keys it found only
-    99.5% of the 10 nearest, against 100% for a 10th.
+
+def default_scann_options(memory_size, key_dim):
+    """ScaNN settings: ~sqrt(n) leaves, a 128th of them (at least 16) scored exactly.
+
+    `brute_force`: score every entry (no tree); the default below 20,000 entries.
+    `num_leaves`: the k-means leaves of the tree. `num_leaves_to_search`: the
+    leaves searched per query, nearest centroids first. `training_sample_size`:
+    the k-means training sample. `scoring`: how the entries of the searched
+    leaves are scored: `"exact"` (float32 distances, the default) or `"ah"`
+    (ScaNN's asymmetric hashing, `dimensions_per_block` dims per 4-bit code,
+    then the best `reorder` candidates re-scored exactly).
+
+    Measured on Fashion-MNIST `pre_logits` embeddings (32-d ReLU features of
+    augmented near-duplicate images; 2 shared CPU cores, `benchmarks/scale.py`):
+    at 1M entries, 1,000 leaves with 16 searched found 99.7-99.8% of the 50
+    nearest at ~20x the queries per second of exact search (batch 256); at 5M,
+    2,236 leaves with 16 searched found 99.7%. Asymmetric hashing with 1,000
+    re-ranked candidates found only 88% at 1M (the 50 nearest lie closer
+    together than its quantization error) and needed 2,000-4,000 to pass 95%,
+    at a third of the speed. For keys of hundreds of dims, try `scoring="ah"`.
     """
     if memory_size < 20_000:
         return {"brute_force": True}
-    num_leaves = int(min(max(math.sqrt(memory_size), 16), 4000))
+    num_leaves = int(min(max(round(math.sqrt(memory_size)), 16), 65_536))
     return {
         "brute_force": False,
         "num_leaves": num_leaves,
-        "num_leaves_to_search": max(16, num_leaves // 10),
-        "training_sample_size": int(min(memory_size, 250_000)),
-        # Two dims per hashing block is ScaNN's usual choice, but on keys of
-        # 64 dims or fewer it loses recall@50 (0.96 vs 0.9999 on clustered 16-d
-        # keys, tests/test_residual_memory.py); one dim per block costs little there.
-        "dimensions_per_block": 1 if key_dim <= 64 or key_dim % 2 else 2,
-        # Re-ranking 250 candidates gave recall@50 of only 0.84 on 60k real
-        # (Fashion-MNIST) embeddings; 1,000 gives 0.996 there.
-        "reorder": 1000,
+        "num_leaves_to_search": max(16, num_leaves // 128),
+        # k-means on 100,000 keys (50 a leaf from 4M entries): at 1M entries
+        # the build took 3.1 s against 5.0 s with 250,000, and found 99.7% of
+        # the 50 nearest against 99.8%.
+        "training_sample_size": int(min(memory_size, max(100_000, 50 * num_leaves))),
+        "scoring": "exact",
     }
+
+
+def resolve_scann_options(memory_size, key_dim, options=None):
+    """The defaults for the memory, overridden by `options` (validated).
+
+    `dimensions_per_block` or `reorder` given without `scoring` select
+    `scoring="ah"`; with `scoring="ah"` they default to one dim per block
+    (two for keys of over 64 dims, when even) and 1,000 re-ranked candidates.
+
+    Raises:
+        ValueError: an unknown option name or a bad value.
+    """
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(SCANN_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"Unknown ScaNN option(s) {unknown}. Valid options: {sorted(SCANN_OPTIONS)}. "
+            f"Received: scann_options={options!r}"
+        )
+    opts = default_scann_options(memory_size, key_dim)
+    if opts["brute_force"] and options.get("brute_force") is False:
+        opts = default_scann_options(20_000, key_dim)  # a tree for a small memory
+    if "scoring" not in options and any(name in options for name in _SCANN_AH_OPTIONS):
+        options["scoring"] = "ah"
+    opts.update(options)
+    if opts["brute_force"]:
+        return opts
+    if opts["scoring"] not in SCANN_SCORING:
+        raise ValueError(
+            f"ScaNN option `scoring` must be one of {SCANN_SCORING}. "
+            f"Received: scoring={opts['scoring']!r}"
+        )
+    if opts["scoring"] == "ah":
+        opts.setdefault("dimensions_per_block", 1 if key_dim <= 64 or key_dim % 2 else 2)
+        opts.setdefault("reorder", 1000)
+    for name in ("num_leaves", "num_leaves_to_search", "training_sample_size") + (
+        _SCANN_AH_OPTIONS if opts["scoring"] == "ah" else ()
+    ):
+        value = opts[name]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(
+                f"ScaNN option `{name}` must be a positive integer. Received: {name}={value!r}"
+            )
+        opts[name] = int(value)
+    opts["num_leaves_to_search"] = min(opts["num_leaves_to_search"], opts["num_leaves"])
+    opts["training_sample_size"] = min(opts["training_sample_size"], memory_size)
+    return opts
+
+
+def search_threads():
+    """The query shards `ScannSearch` splits a batch into: TensorFlow's inter-op threads."""
+    threads = tf.config.threading.get_inter_op_parallelism_threads()
+    if threads <= 0:
+        try:
+            threads = len(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover - not on Linux
+            threads = os.cpu_count() or 1
+    return max(1, min(int(threads), 64))
 
 
 # Order of ScaNN's serialized tensors, as `scann_to_tensors` returns them.
@@ -385,45 +487,92 @@ class ScannSearch:
     Build with `ScannSearch.build(keys, options)`; persist with `save(dir)`
     and `ScannSearch.load(dir, keys)`. The float dataset ScaNN re-ranks with
     is the memory's own key table, so it is not stored twice on disk.
+
+    Args:
+        handle: the searcher (a ScaNN resource handle).
+        options: the resolved options it was built with.
+        leaves_to_search: `None` (the leaves searched are the index's own
+            `num_leaves_to_search`), or an int or int32 scalar variable that
+            overrides it at search time, as `IVFSearch`'s `num_probes` does.
     """
 
     name = "scann"
 
-    def __init__(self, handle, options):
+    def __init__(self, handle, options, leaves_to_search=None):
         self.handle = handle
         self.options = dict(options)
+        self.leaves_to_search = leaves_to_search
+
+    # Queries per shard at least: a shard is one ScaNN batch, and ScaNN
+    # amortises its per-batch work over the queries of a batch.
+    min_shard_size = 64
 
     @classmethod
     def build(cls, keys, options=None):
+        """Builds the index of `keys` `(n, d)` (see `resolve_scann_options`)."""
         scann_ops = _scann_ops()
         keys = np.ascontiguousarray(keys, dtype=np.float32)
         n, d = keys.shape
-        opts = default_scann_options(n, d)
-        opts.update(options or {})
+        opts = resolve_scann_options(n, d, options)
         builder = scann_ops.builder(keys, 10, "squared_l2")
-        if opts.get("brute_force"):
+        if opts["brute_force"]:
             builder = builder.score_brute_force()
         else:
-            builder = (
-                builder.tree(
-                    num_leaves=opts["num_leaves"],
-                    num_leaves_to_search=opts["num_leaves_to_search"],
-                    training_sample_size=opts["training_sample_size"],
-                )
-                .score_ah(opts["dimensions_per_block"])
-                .reorder(opts["reorder"])
+            builder = builder.tree(
+                num_leaves=opts["num_leaves"],
+                num_leaves_to_search=opts["num_leaves_to_search"],
+                training_sample_size=opts["training_sample_size"],
             )
+            if opts["scoring"] == "exact":
+                builder = builder.score_brute_force()
+            else:
+                builder = builder.score_ah(opts["dimensions_per_block"]).reorder(opts["reorder"])
         return cls(builder.build().searcher_handle, opts)
 
     def search(self, queries, k):
-        scann_ops = _scann_ops()
+        """The int32 ids `(m, k)` of the `k` nearest keys of each query.
+
+        A batch is split into up to `search_threads()` shards of at least
+        `min_shard_size` queries; inside a `tf.function` (as in `predict`)
+        they run in parallel, one core each. ScaNN's own parallel mode only
+        splits batches of more than 256 queries. The number of shards is
+        fixed when the graph is traced: an exported SavedModel keeps the
+        exporting machine's.
+        """
         k = tf.cast(k, tf.int32)
-        pre = tf.maximum(k, int(self.options.get("reorder", 0)))
-        leaves = int(self.options.get("num_leaves_to_search", -1))
-        ids, _ = scann_ops.scann_search_batched(
-            self.handle, queries, k, pre, tf.constant(leaves, tf.int32), True
+        handle = self.handle  # one TensorsToScann op for SavedScannSearch
+        m = tf.shape(queries)[0]
+        shards = search_threads()
+        if shards == 1:
+            return self._search_shard(handle, queries, k)
+        size = tf.maximum((m + shards - 1) // shards, self.min_shard_size)
+        parts = [
+            self._search_shard(handle, queries[i * size : (i + 1) * size], k) for i in range(shards)
+        ]
+        return tf.concat(parts, axis=0)
+
+    def _search_shard(self, handle, queries, k):
+        # Unless overridden, the leaves searched and the candidates re-ranked
+        # come from the index's own config (-1): a memory saved by an older
+        # version, with other defaults, searches as it was built. `reorder`
+        # (asymmetric hashing only) is passed so that it is never below k.
+        reorder = self.options.get("reorder")
+        pre = tf.maximum(k, int(reorder)) if reorder else tf.constant(-1)
+        leaves = self.leaves_to_search
+        leaves = tf.constant(-1) if leaves is None else tf.cast(leaves, tf.int32)
+        ids, _ = _scann_ops().scann_search_batched(handle, queries, k, pre, leaves, False)
+        complete = tf.logical_or(tf.shape(ids)[0] == 0, tf.shape(ids)[1] == k)
+        check = tf.debugging.Assert(
+            complete,
+            [
+                "ScaNN found fewer than k neighbours for some query; search more leaves "
+                "(scann_options num_leaves_to_search). k and ids found:",
+                k,
+                tf.shape(ids)[1],
+            ],
         )
-        return ids
+        with tf.control_dependencies([check]):
+            return tf.reshape(ids, [-1, k])
 
     def index_tensors(self):
         """ScaNN's serialized index, `{name: tensor}` in `_SCANN_TENSORS` order.
@@ -435,12 +584,20 @@ class ScannSearch:
         return {name: t for (name, _), t in zip(_SCANN_TENSORS, tensors, strict=True)}
 
     def save(self, dir_path):
-        """Writes ScaNN's index tensors as plain files (`.npy`, raw bytes)."""
+        """Writes ScaNN's index tensors as plain files (`.npy`, raw bytes).
+
+        A serialized proto is written raw to `<name>.bin`; one the index does
+        not have (a scalar tensor: no AH codebook when leaves are scored
+        exactly, no partitioner without a tree) as an empty `<name>.none`.
+        """
         for (name, dtype), value in zip(_SCANN_TENSORS, self.index_tensors().values(), strict=True):
+            present = value.shape.rank > 0
             value = value.numpy()
             if dtype == tf.string:
-                with open(os.path.join(dir_path, f"{name}.bin"), "wb") as f:
-                    f.write(value[0])
+                with open(
+                    os.path.join(dir_path, f"{name}.{'bin' if present else 'none'}"), "wb"
+                ) as f:
+                    f.write(value[0] if present else b"")
             else:
                 np.save(os.path.join(dir_path, f"{name}.npy"), value, allow_pickle=False)
 
@@ -450,6 +607,9 @@ class ScannSearch:
         for name, dtype in _SCANN_TENSORS:
             if dtype == tf.string:
                 path = os.path.join(dir_path, f"{name}.bin")
+                if os.path.exists(os.path.join(dir_path, f"{name}.none")):
+                    tensors[name] = tf.constant("")  # a scalar: the index has none
+                    continue
                 if not os.path.exists(path):
                     raise ValueError(
                         f"The saved ScaNN index has no '{name}' (looked in {dir_path})."
@@ -506,4 +666,7 @@ class SavedScannSearch(tf.Module):
             shared_name=self.shared_name,
         )
 
+    min_shard_size = ScannSearch.min_shard_size
+    leaves_to_search = None
     search = ScannSearch.search
+    _search_shard = ScannSearch._search_shard

@@ -11,6 +11,8 @@ from keras_resmem import residuals as residuals_lib
 from keras_resmem.api_export import keras_resmem_export
 from keras_resmem.diagnostics import compare
 
+_SPARSE_BLOCK = 1024
+
 
 @keras_resmem_export("keras_resmem.tuning.NeighborCache")
 class NeighborCache:
@@ -20,7 +22,8 @@ class NeighborCache:
     The cache searches once, for the largest `k` of a sweep, and then gives the
     ResMem prediction for any `k <= max_k`, `sigma` and `temperature` by
     truncating the (nearest-first) neighbour lists. Neither the network nor
-    the search runs again.
+    the search runs again. A sparse memory (`sparse_residuals`) fixes the
+    temperature when it is built, so only that `temperature` is accepted.
 
     Args:
         memory: a `keras_resmem.ResidualMemory` holding a memory.
@@ -61,10 +64,16 @@ class NeighborCache:
         ids = tf.concat([f[0] for f in found], axis=0)
         distances = tf.concat([f[1] for f in found], axis=0)
         self.task, self.from_logits, self.max_k = memory.task, memory.from_logits, max_k
-        self.scores = tf.constant(np.asarray(scores, np.float32))
+        self.scores = tf.reshape(tf.constant(np.asarray(scores, np.float32)), [len(ids), -1])
         self.ids, self.distances = ids, distances
-        self.neighbor_scores = tf.gather(memory.memory_scores, ids)
         self.neighbor_targets = tf.gather(memory.memory_targets, ids)
+        self.sparse = memory.sparse_residuals is not None
+        if self.sparse:
+            self.memory_temperature = memory.temperature
+            self.neighbor_residual_ids = tf.gather(memory.residual_ids, ids)
+            self.neighbor_residual_values = tf.gather(memory.residual_values, ids)
+        else:
+            self.neighbor_scores = tf.gather(memory.memory_scores, ids)
 
     def _check_k(self, k):
         if not 1 <= k <= self.max_k:
@@ -73,6 +82,29 @@ class NeighborCache:
     def predict(self, k, sigma, temperature):
         """ResMem predictions `(m, c)` for one setting, as a NumPy array."""
         self._check_k(k)
+        if self.sparse:
+            if temperature != self.memory_temperature:
+                raise ValueError(
+                    "The memory's residuals are sparse, computed with temperature="
+                    f"{self.memory_temperature} when it was built. Received: "
+                    f"temperature={temperature}"
+                )
+            # In blocks of queries: each is a (block, k, m) gather and a dense
+            # (block, vocabulary) result.
+            return np.concatenate(
+                [
+                    residuals_lib.sparse_resmem_prediction(
+                        self.scores[i : i + _SPARSE_BLOCK],
+                        self.neighbor_residual_ids[i : i + _SPARSE_BLOCK, :k],
+                        self.neighbor_residual_values[i : i + _SPARSE_BLOCK, :k],
+                        self.distances[i : i + _SPARSE_BLOCK, :k],
+                        sigma=tf.constant(sigma, tf.float32),
+                        temperature=tf.constant(temperature, tf.float32),
+                        from_logits=self.from_logits,
+                    )[0].numpy()
+                    for i in range(0, len(self.ids), _SPARSE_BLOCK)
+                ]
+            )
         prediction, _ = residuals_lib.resmem_prediction(
             self.scores,
             self.neighbor_scores[:, :k],

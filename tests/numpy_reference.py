@@ -43,3 +43,20 @@ def resmem_regression(keys, train_predictions, train_targets, queries, query_pre
     ids, d = knn(keys, queries, k)
     w = weights(d, sigma)
     return query_predictions + (w[:, :, None] * residuals[ids]).sum(axis=1)
+
+
+def sparse_residuals(train_logits, train_labels, m, temperature):
+    """Each residual with all but its m largest-magnitude entries set to 0 (dense)."""
+    num_classes = train_logits.shape[1]
+    r = np.eye(num_classes)[train_labels] - softmax(np.float64(train_logits) / temperature)
+    dropped = np.argsort(-np.abs(r), axis=1, kind="stable")[:, m:]
+    np.put_along_axis(r, dropped, 0.0, axis=1)
+    return r
+
+
+def resmem_with_residuals(keys, residuals, queries, query_logits, k, sigma, temperature):
+    """ResMem classification from given (e.g. sparsified) residuals."""
+    ids, d = knn(keys, queries, k)
+    w = weights(d, sigma)
+    r_knn = (w[:, :, None] * residuals[ids]).sum(axis=1)
+    return softmax(np.float64(query_logits) / temperature) + r_knn

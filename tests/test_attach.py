@@ -133,7 +133,8 @@ def test_subclassed_model_is_refused(rng):
 def test_labels_that_do_not_match_the_output(rng):
     x, y = toy_data(rng)
     base = functional_model()
-    with pytest.raises(ValueError, match="labels are 5 wide but the model has 3 outputs"):
+    wrong_width = r"outputs of shape \(256, 3\) but labels of shape \(256, 5\)"
+    with pytest.raises(ValueError, match=wrong_width):
         keras_resmem.attach_memory(base, "pre_logits", (x, np.eye(5)[y]), verbose=0)
     with pytest.raises(ValueError, match=r"Class ids must lie in \[0, 3\).*label 3 at example 10"):
         y_bad = y.copy()
@@ -141,7 +142,7 @@ def test_labels_that_do_not_match_the_output(rng):
         keras_resmem.attach_memory(base, "pre_logits", (x, y_bad), verbose=0)
     with pytest.raises(ValueError, match="soft labels are not supported"):
         keras_resmem.attach_memory(base, "pre_logits", (x, np.full((len(x), 3), 1 / 3)), verbose=0)
-    with pytest.raises(ValueError, match="600 examples and 599 labels"):
+    with pytest.raises(ValueError, match="600 examples and 599 rows of labels"):
         keras_resmem.attach_memory(base, "pre_logits", (x, y[:-1]), verbose=0)
 
 

@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 import fashion_mnist  # noqa: E402
+import language_model  # noqa: E402
 import linear_regression_theory as theory  # noqa: E402
 
 
@@ -45,6 +46,49 @@ def test_fashion_mnist_main_job_full_run(tmp_path):
     assert results["test"]["gain"] >= 0.03
     assert results["train"]["resmem_accuracy"] >= 0.99
     assert np.isfinite(results["test"]["knn_labels_accuracy"])
+
+
+def test_language_model_tiny_run_end_to_end(tmp_path):
+    """A tiny Transformer on 12 real speeches: train, sparse memory, tune on val, test."""
+    results = language_model.main(
+        "--max-speeches 12 --test-speeches 2 --val-speeches 2 --vocab-size 400 --dim 16 "
+        "--heads 2 --blocks 1 --length 32 --stride 24 --epochs 1 --sparse-residuals 16 "
+        f"--val-positions 1000 --temperatures 1.0,2.0 --output-dir {tmp_path}".split()
+    )
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["test"] == results["test"]
+    memory = saved["memory"]
+    # Every training position (a token with a next token) is one memory entry.
+    assert memory["entries"] == saved["corpus"]["train_tokens"] - 1
+    assert memory["bytes"]["residuals"] == memory["entries"] * 16 * 6
+    assert memory["bytes_per_entry"] <= memory["bytes_per_entry_bound"]
+    test = saved["test"]
+    assert test["positions"] == saved["corpus"]["test_tokens"] - 1
+    assert test["gain"] == pytest.approx(test["tpr"] - test["fpr"])
+    chosen = saved["validation"]["chosen"]
+    assert chosen["k"] in (10, 25, 50, 100, 200, 400)
+    per_temperature = saved["validation"]["per_temperature"]
+    assert set(per_temperature) == {"1.0", "2.0"}
+    assert saved["validation"]["resmem_accuracy"] == max(
+        v["resmem_accuracy"] for v in per_temperature.values()
+    )
+    assert per_temperature[str(chosen["temperature"])]["chosen"]["k"] == chosen["k"]
+    for row in saved["near_misses"]:
+        assert row["deepnet"] != row["resmem"]
+    assert "| context | DeepNet | ResMem |" in (tmp_path / "results.md").read_text()
+
+
+def test_sliding_windows_score_every_position_once():
+    stream = np.arange(1, 101, dtype=np.int32)
+    for length, stride in [(10, 10), (10, 7), (16, 12), (200, 150)]:
+        inputs, targets, weights = language_model.sliding_windows(stream, length, stride)
+        scored = targets[weights > 0]
+        np.testing.assert_array_equal(np.sort(scored), stream[1:])
+        # Each scored target follows its input token, with >= length - stride of context
+        # (except in the first window).
+        np.testing.assert_array_equal(targets[weights > 0], inputs[weights > 0] + 1)
+        later = weights[1:]
+        assert (later[:, : length - stride] == 0).all()
 
 
 def test_constrained_least_squares_is_on_the_ball_and_beats_feasible_points(rng):

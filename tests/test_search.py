@@ -30,7 +30,7 @@ def test_scann_index_saves_to_plain_files_and_loads(rng, tmp_path):
     want = index.search(tf.constant(queries), 10).numpy()
     index.save(tmp_path)
     suffixes = {p.suffix for p in tmp_path.iterdir()}
-    assert suffixes <= {".npy", ".bin"}
+    assert suffixes <= {".npy", ".bin", ".none"}
     for npy in tmp_path.glob("*.npy"):
         np.load(npy, allow_pickle=False)  # no object arrays, nothing to unpickle
     loaded = search.ScannSearch.load(tmp_path, tf.constant(keys), index.options)
@@ -125,3 +125,106 @@ def test_smallest_k_equals_a_full_sort(rng, n, k):
     want = np.argsort(values, axis=1, kind="stable")[:, :k]
     np.testing.assert_array_equal(got_ids.numpy(), want)
     np.testing.assert_array_equal(got_values.numpy(), np.take_along_axis(values, want, 1))
+
+
+def test_scann_defaults_score_the_searched_leaves_exactly():
+    assert search.resolve_scann_options(10_000, 32) == {"brute_force": True}
+    opts = search.resolve_scann_options(1_000_000, 32)
+    assert opts["scoring"] == "exact" and "reorder" not in opts
+    assert opts["num_leaves"] == 1000 and opts["num_leaves_to_search"] == 16
+    # Asymmetric-hashing options ask for asymmetric hashing, with its defaults.
+    ah = search.resolve_scann_options(1_000_000, 32, {"reorder": 2000})
+    assert ah["scoring"] == "ah" and ah["reorder"] == 2000 and ah["dimensions_per_block"] == 1
+    assert search.resolve_scann_options(1_000_000, 128, {"scoring": "ah"})["reorder"] == 1000
+    with pytest.raises(ValueError, match=r"Unknown ScaNN option\(s\) \['leaves'\]"):
+        search.resolve_scann_options(1_000_000, 32, {"leaves": 3})
+    with pytest.raises(ValueError, match="`scoring` must be one of"):
+        search.resolve_scann_options(1_000_000, 32, {"scoring": "pq"})
+    with pytest.raises(ValueError, match="`num_leaves_to_search` must be a positive integer"):
+        search.resolve_scann_options(1_000_000, 32, {"num_leaves_to_search": 0})
+
+
+def _recall(found, truth):
+    k = truth.shape[1]
+    return np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth, strict=True)])
+
+
+def test_scann_exact_scoring_recall_and_leaves_override(rng):
+    keys = clustered(rng, 40000, 16)
+    queries = clustered(rng, 300, 16)
+    truth = ref.knn(keys, queries, 50)[0]
+    index = search.ScannSearch.build(keys)
+    assert index.options["scoring"] == "exact"
+    found = index.search(tf.constant(queries), 50).numpy()
+    assert found.shape == (300, 50)
+    assert _recall(found, truth) >= 0.95
+    # Searching every leaf, scored exactly, is exact search.
+    index.leaves_to_search = tf.Variable(index.options["num_leaves"])
+    everything = index.search(tf.constant(queries), 50).numpy()
+    np.testing.assert_array_equal(np.sort(everything, axis=1), np.sort(truth, axis=1))
+    index.leaves_to_search.assign(1)
+    assert _recall(index.search(tf.constant(queries), 50).numpy(), truth) < _recall(found, truth)
+
+
+def test_scann_asymmetric_hashing_still_builds_and_searches(rng):
+    keys = clustered(rng, 30000, 16)
+    queries = clustered(rng, 200, 16)
+    index = search.ScannSearch.build(keys, {"scoring": "ah"})
+    assert index.options["reorder"] == 1000
+    found = index.search(tf.constant(queries), 50).numpy()
+    assert _recall(found, ref.knn(keys, queries, 50)[0]) >= 0.9
+
+
+def test_scann_shards_give_the_same_ids_and_run_unordered(rng, monkeypatch):
+    keys = clustered(rng, 30000, 8)
+    queries = tf.constant(clustered(rng, 203, 8))
+    index = search.ScannSearch.build(keys)
+    want = index.search(queries, 10).numpy()  # eager
+    monkeypatch.setattr(search, "search_threads", lambda: 3)
+    monkeypatch.setattr(search.ScannSearch, "min_shard_size", 8)
+    fn = tf.function(lambda q: index.search(q, 10))
+    np.testing.assert_array_equal(fn(queries).numpy(), want)  # 3 shards of 68
+    np.testing.assert_array_equal(fn(queries[:5]).numpy(), want[:5])  # one shard, two empty
+    assert fn(tf.zeros((0, 8))).shape == (0, 10)
+    # The shards' searches are read-only: no control edges between them, so
+    # TensorFlow runs them in parallel.
+    graph = fn.get_concrete_function(tf.TensorSpec([None, 8])).graph
+    ops = [op for op in graph.get_operations() if op.type == "Scann>ScannSearchBatched"]
+    assert len(ops) == 3
+    assert not any(c in ops for op in ops for c in op.control_inputs)
+
+
+def test_small_scann_memory_saves_and_loads(rng, tmp_path):
+    # Below 20,000 entries ScaNN scores brute force: no partitioner, no codebook.
+    keys = rng.normal(size=(500, 6)).astype("float32")
+    queries = tf.constant(rng.normal(size=(20, 6)).astype("float32"))
+    index = search.ScannSearch.build(keys)
+    assert index.options == {"brute_force": True}
+    index.save(tmp_path)
+    loaded = search.ScannSearch.load(tmp_path, tf.constant(keys), index.options)
+    np.testing.assert_array_equal(
+        loaded.search(queries, 7).numpy(), ref.knn(keys, queries.numpy(), 7)[0]
+    )
+
+
+def test_asymmetric_hashing_index_loads_with_other_defaults(rng, tmp_path):
+    # A memory saved with asymmetric hashing (the old default) and loaded with
+    # today's default options searches as it was built: the leaves searched and
+    # the candidates re-ranked come from the index's own config.
+    keys = clustered(rng, 30000, 8)
+    queries = tf.constant(clustered(rng, 50, 8))
+    index = search.ScannSearch.build(keys, {"scoring": "ah", "num_leaves_to_search": 40})
+    want = index.search(queries, 10).numpy()
+    index.save(tmp_path)
+    loaded = search.ScannSearch.load(
+        tmp_path, tf.constant(keys), search.default_scann_options(30000, 8)
+    )
+    np.testing.assert_array_equal(loaded.search(queries, 10).numpy(), want)
+
+
+def test_nearest_centroids_in_small_chunks(rng):
+    points = rng.normal(size=(1000, 4)).astype("float32")
+    centroids = rng.normal(size=(300, 4)).astype("float32")
+    want = ((points[:, None] - centroids[None]) ** 2).sum(-1).argmin(-1)
+    got = search._nearest_centroids(points, centroids, max_scores=300 * 256)  # 4 chunks
+    np.testing.assert_array_equal(got, want)

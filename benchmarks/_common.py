@@ -1,0 +1,106 @@
+"""Helpers shared by the benchmarks: recall, throughput, memory use, the machine."""
+
+import importlib.metadata
+import os
+import platform
+import time
+
+import numpy as np
+
+
+def recall(found, truth):
+    """Mean fraction of each row of `truth` (the true neighbour ids) found in `found`."""
+    k = truth.shape[1]
+    return float(
+        np.mean(
+            [len(set(f) & set(t)) / k for f, t in zip(found.tolist(), truth.tolist(), strict=True)]
+        )
+    )
+
+
+def queries_per_second(fn, batches, min_seconds):
+    """Throughput of `fn` over `batches`, cycled until `min_seconds` have passed.
+
+    One warm-up call first (tracing, caches). `fn(batch)` must return when its
+    result is ready (call `.numpy()` on TensorFlow results).
+    """
+    fn(batches[0])
+    done, start = 0, time.perf_counter()
+    while True:
+        for batch in batches:
+            fn(batch)
+            done += len(batch)
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds:
+                return done / elapsed
+
+
+def in_batches(array, batch):
+    """`array` split into consecutive slices of `batch` rows."""
+    return [array[i : i + batch] for i in range(0, len(array), batch)]
+
+
+def _proc_status(field):
+    """A `kB` field of /proc/self/status (VmRSS, VmHWM, ...) in bytes; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def rss_bytes():
+    """The resident set size of this process now."""
+    return _proc_status("VmRSS")
+
+
+def peak_rss_bytes():
+    """The peak resident set size of this process (VmHWM) since start or `reset_peak_rss`."""
+    return _proc_status("VmHWM")
+
+
+def reset_peak_rss():
+    """Resets VmHWM to the current RSS (Linux 4.0+); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def machine():
+    """A description of this machine and the library versions, for the results files."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    memory_gib = None
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal"))
+        memory_gib = round(kib / 2**20, 1)
+    except (OSError, StopIteration):
+        pass
+    versions = {}
+    for name in ("tensorflow", "keras", "scann", "faiss-cpu", "numpy"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": memory_gib,
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def gib(num_bytes):
+    return None if num_bytes is None else num_bytes / 2**30
