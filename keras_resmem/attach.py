@@ -224,11 +224,12 @@ def attach_memory(
     entry, and labels are `(batch, time)` token ids. Sample weights of 0 leave
     positions out (padding, or context that an overlapping window memorizes).
 
-    The memory is built in one streamed pass: for arrays, each batch goes
-    straight into the memory's variables, so no more than one batch of
-    activations is held beside the memory. (A `tf.data.Dataset` does not say
-    in advance how many entries it holds; its entries are gathered first,
-    which takes about twice the memory's size at the peak.)
+    The memory is built in one streamed pass, with a progress bar: for
+    arrays, each batch goes straight into the memory's variables, so no more
+    than one batch of activations is held beside the memory. A
+    `tf.data.Dataset` does not say in advance how many entries it holds: its
+    batches are kept as they come and moved into the variables at the end,
+    each freed once copied, which also holds the memory about once.
 
     Args:
         model: a trained functional or Sequential Keras model with one output:

@@ -751,6 +751,40 @@ def _assign_rows(variable, start, values):
     )
 
 
+class _BlockBuffer:
+    """Rows appended into blocks of about 64 MB.
+
+    Blocks that large are mapped from the OS on their own and given back when
+    freed; a list of small per-batch arrays would stay in the allocator's
+    heap after it is freed, and the process would hold the memory twice.
+    """
+
+    BLOCK_BYTES = 64 * 2**20
+
+    def __init__(self, row_shape, dtype):
+        self.row_shape, self.dtype = tuple(row_shape), np.dtype(dtype)
+        row_bytes = max(1, math.prod(self.row_shape) * self.dtype.itemsize)
+        self.block_rows = max(1, self.BLOCK_BYTES // row_bytes)
+        self.blocks, self.filled = [], 0
+
+    def append(self, rows):
+        while len(rows):
+            if not self.blocks or self.filled == self.block_rows:
+                self.blocks.append(np.empty((self.block_rows, *self.row_shape), self.dtype))
+                self.filled = 0
+            take = min(len(rows), self.block_rows - self.filled)
+            self.blocks[-1][self.filled : self.filled + take] = rows[:take]
+            self.filled += take
+            rows = rows[take:]
+
+    def pop_blocks(self):
+        """Yields the filled rows block by block, dropping each block."""
+        self.blocks.reverse()
+        while self.blocks:
+            block = self.blocks.pop()
+            yield block if self.blocks else block[: self.filled]
+
+
 class _MemoryWriter:
     """Streams entries into a `ResidualMemory`, a batch at a time.
 
@@ -779,7 +813,9 @@ class _MemoryWriter:
             if self.capacity is not None:
                 self.memory._allocate(self.capacity, self.key_dim, self.num_outputs)
             else:
-                self.buffers = {name: [] for name in arrays}
+                self.buffers = {
+                    name: _BlockBuffer(a.shape[1:], a.dtype) for name, a in arrays.items()
+                }
         if self.capacity is not None:
             if self.count + len(keys) > self.capacity:
                 raise ValueError(
@@ -789,7 +825,7 @@ class _MemoryWriter:
                 _assign_rows(getattr(self.memory, name), self.count, values)
         else:
             for name, values in arrays.items():
-                self.buffers[name].append(np.ascontiguousarray(values))
+                self.buffers[name].append(values)
         self.count += len(keys)
 
     def close(self, verbose=0):
@@ -802,12 +838,14 @@ class _MemoryWriter:
             )
         if self.buffers is not None:
             self.memory._allocate(self.count, self.key_dim, self.num_outputs)
-            for name, chunks in self.buffers.items():
+            for name, buffer in self.buffers.items():
                 start = 0
-                chunks.reverse()
-                while chunks:
-                    rows = chunks.pop()
-                    _assign_rows(getattr(self.memory, name), start, rows)
-                    start += len(rows)
+                for block in buffer.pop_blocks():
+                    for i in range(0, len(block), _WRITE_ROWS):
+                        _assign_rows(
+                            getattr(self.memory, name), start + i, block[i : i + _WRITE_ROWS]
+                        )
+                    start += len(block)
+                    del block
             self.buffers = None
         self.memory._build_index(verbose=verbose)

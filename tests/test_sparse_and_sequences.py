@@ -210,7 +210,7 @@ def peak():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
 
-n, d, batch = 196 * 8192, 64, 8192
+n, d, batch = 1568 * 1024, 64, 1024
 memory = keras_resmem.ResidualMemory(k=1, search="exact")
 writer = _MemoryWriter(memory, capacity={capacity})
 scores = np.zeros((batch, 2), np.float32)
@@ -229,9 +229,9 @@ print(grew / size)
 """
 
 
-@pytest.mark.parametrize("capacity", ["196 * 8192", "None"])
+@pytest.mark.parametrize("capacity", ["1568 * 1024", "None"])
 def test_streamed_build_holds_the_memory_once(capacity):
-    """Peak RSS while building a 430 MB memory: the memory plus batches, not twice it."""
+    """Peak RSS while building a 430 MB memory in 1 MB batches: about once, not twice."""
     out = subprocess.run(
         [sys.executable, "-c", _STREAMING_RSS.replace("{capacity}", capacity)],
         check=True,
@@ -239,7 +239,7 @@ def test_streamed_build_holds_the_memory_once(capacity):
         text=True,
     )
     ratio = float(out.stdout.split()[-1])
-    assert ratio < 1.25, ratio
+    assert ratio < 1.3, ratio  # the memory, plus a 64 MB block per part; 2x before
 
 
 def test_sparse_sequence_memory_round_trips_through_a_keras_file(rng, tmp_path):
