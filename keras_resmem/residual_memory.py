@@ -1,5 +1,6 @@
 """The `ResidualMemory` layer: a kNN memory of a network's training residuals."""
 
+import functools
 import math
 
 import keras
@@ -643,27 +644,18 @@ class ResidualMemory(keras.layers.Layer):
         flat_scores = tf.reshape(scores, [-1, self.num_outputs])
         queries = tf.reshape(tf.cast(embeddings, tf.float32), [-1, self.key_dim])
         ids, distances = self._search(queries)
+        options = {
+            "sigma": self._hparam_tensor("sigma"),
+            "temperature": self._hparam_tensor("temperature"),
+            "from_logits": self.from_logits,
+        }
         if self.sparse_residuals is None:
-            prediction, weights = residuals_lib.resmem_prediction(
-                flat_scores,
-                tf.gather(self.memory_scores, ids),
-                tf.gather(self.memory_targets, ids),
-                distances,
-                sigma=self._hparam_tensor("sigma"),
-                temperature=self._hparam_tensor("temperature"),
-                task=self.task,
-                from_logits=self.from_logits,
-            )
+            neighbors = (tf.gather(self.memory_scores, ids), tf.gather(self.memory_targets, ids))
+            combine = functools.partial(residuals_lib.resmem_prediction, task=self.task)
         else:
-            prediction, weights = residuals_lib.sparse_resmem_prediction(
-                flat_scores,
-                tf.gather(self.residual_ids, ids),
-                tf.gather(self.residual_values, ids),
-                distances,
-                sigma=self._hparam_tensor("sigma"),
-                temperature=self._hparam_tensor("temperature"),
-                from_logits=self.from_logits,
-            )
+            neighbors = (tf.gather(self.residual_ids, ids), tf.gather(self.residual_values, ids))
+            combine = residuals_lib.sparse_resmem_prediction
+        prediction, weights = combine(flat_scores, *neighbors, distances, **options)
         prediction = tf.reshape(prediction, tf.shape(scores))
         if not return_neighbors:
             return prediction
