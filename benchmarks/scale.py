@@ -139,6 +139,7 @@ def build_backend(name, keys, key_var, k, args):
                     num_leaves=options["num_leaves"],
                     num_leaves_to_search=options["num_leaves_to_search"],
                     training_sample_size=options["training_sample_size"],
+                    min_partition_size=options["min_partition_size"],
                 )
                 .score_brute_force()
                 .build()

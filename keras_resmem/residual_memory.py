@@ -85,7 +85,7 @@ class ResidualMemory(keras.layers.Layer):
             which bounds its memory use.
         scann_options: overrides of the ScaNN settings (`brute_force`,
             `num_leaves`, `num_leaves_to_search`, `training_sample_size`,
-            `scoring`: `"exact"` or `"ah"`, and for `"ah"`
+            `min_partition_size`, `scoring`: `"exact"` or `"ah"`, and for `"ah"`
             `dimensions_per_block` and `reorder`); see
             `keras_resmem.search.default_scann_options`.
         ivf_options: overrides of the IVF settings (`num_partitions`,

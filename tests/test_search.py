@@ -144,6 +144,21 @@ def test_scann_defaults_score_the_searched_leaves_exactly():
         search.resolve_scann_options(1_000_000, 32, {"scoring": "pq"})
     with pytest.raises(ValueError, match="`num_leaves_to_search` must be a positive integer"):
         search.resolve_scann_options(1_000_000, 32, {"num_leaves_to_search": 0})
+    with pytest.raises(ValueError, match="`min_partition_size` must be a positive integer"):
+        search.resolve_scann_options(1_000_000, 32, {"min_partition_size": 0.5})
+
+
+@pytest.mark.parametrize("given", [None, 7])
+def test_scann_min_partition_size_reaches_the_index(rng, given):
+    # ScaNN's own default (50) re-seeds most leaves of a ~50-keys-a-leaf
+    # sample on every k-means iteration; the library's default is 1.
+    from scann.proto import scann_pb2
+
+    options = None if given is None else {"min_partition_size": given}
+    index = search.ScannSearch.build(rng.normal(size=(30_000, 8)).astype("float32"), options)
+    config = scann_pb2.ScannConfig.FromString(index.index_tensors()["scann_config"].numpy()[0])
+    assert config.partitioning.min_cluster_size == (1 if given is None else given)
+    assert index.options["min_partition_size"] == config.partitioning.min_cluster_size
 
 
 def _recall(found, truth):
@@ -281,3 +296,25 @@ def test_scann_index_is_freed_with_its_searcher(rng):
     gc.collect()
     with pytest.raises((tf.errors.NotFoundError, tf.errors.FailedPreconditionError)):
         ops.scann_search_batched(handle, tf.constant(keys[:2]), 3, -1, -1, False)
+
+
+def test_scann_index_collected_during_a_trace_is_freed_outside_it(rng):
+    # The garbage collector can run a searcher's finalizer at any moment,
+    # also while some other model is being traced: the index must be freed
+    # then and there, not added to that graph (an export of an IVF model
+    # once failed on the ScaNN handle it had captured this way).
+    keys = rng.normal(size=(2000, 4)).astype("float32")
+    held = [search.ScannSearch.build(keys)]
+    handle = held[0].handle
+
+    @tf.function
+    def unrelated(x):
+        held.clear()
+        gc.collect()
+        return 2 * x
+
+    traced = unrelated.get_concrete_function(tf.TensorSpec([None], tf.float32))
+    assert not traced.captured_inputs
+    assert "DestroyResourceOp" not in {op.type for op in traced.graph.get_operations()}
+    with pytest.raises((tf.errors.NotFoundError, tf.errors.FailedPreconditionError)):
+        search._scann_ops().scann_search_batched(handle, tf.constant(keys[:2]), 3, -1, -1, False)
