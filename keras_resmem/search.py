@@ -453,7 +453,8 @@ def default_scann_options(memory_size, key_dim):
         # ScaNN's own default is 50: with a sample of ~50 keys a leaf, half
         # the leaves are re-seeded on every k-means iteration and never
         # settle. At 5M entries (2,236 leaves, 5 searched) recall@50 was
-        # 0.873 with 50 and 0.954 with 1; at 1M, 0.950 and 0.958.
+        # 0.868 with 50 and 0.954 with 1; at 1M, 0.952 and 0.958
+        # (benchmarks/scann_partitions.py).
         "min_partition_size": 1,
         "scoring": "exact",
     }
