@@ -28,10 +28,12 @@ from keras_resmem import _io
 from keras_resmem import search as search_lib
 
 
-def configs(n, num_leaves):
-    """Named ScaNN k-means settings: `tree()` keyword arguments."""
-    library = search_lib.resolve_scann_options(n, 32)
-    sample = library["training_sample_size"]
+def configs(n, library):
+    """Named ScaNN k-means settings: `tree()` keyword arguments.
+
+    `library`: the library's resolved ScaNN options for these keys.
+    """
+    sample, num_leaves = library["training_sample_size"], library["num_leaves"]
     return {
         "library default (min_partition_size 1)": {
             "training_sample_size": sample,
@@ -63,7 +65,8 @@ def main(argv=None):
     keys = np.ascontiguousarray(arrays["keys"][:n], dtype=np.float32)
     queries = np.ascontiguousarray(arrays["queries"][: args.queries], dtype=np.float32)
     leaves = [int(v) for v in args.leaves.split(",")]
-    num_leaves = search_lib.resolve_scann_options(n, keys.shape[1])["num_leaves"]
+    library = search_lib.resolve_scann_options(n, keys.shape[1])
+    num_leaves = library["num_leaves"]
     flat = faiss.IndexFlatL2(keys.shape[1])
     flat.add(keys)
     truth = flat.search(queries, k)[1]
@@ -87,7 +90,7 @@ def main(argv=None):
         recalls.append(_common.recall(ivf.search(queries, k)[1], truth))
     report("FAISS IVF-Flat (64 keys a list)", seconds, recalls)
     del ivf
-    for name, tree in configs(n, num_leaves).items():
+    for name, tree in configs(n, library).items():
         start = time.perf_counter()
         searcher = (
             scann_ops_pybind.builder(keys, k, "squared_l2")
