@@ -18,14 +18,15 @@ def recall(found, truth):
     )
 
 
-def queries_per_second(fn, batches, min_seconds, rounds=3):
+def queries_per_second(fn, batches, min_seconds, rounds=3, size=len):
     """Throughput of `fn` over `batches`: the best of `rounds` timed rounds.
 
     One warm-up call first (tracing, caches). Each round cycles through
     `batches` until `min_seconds / rounds` have passed; the best round is
     reported, as `timeit` does, because on a shared machine the slower
     rounds measure other processes, not `fn`. `fn(batch)` must return when
-    its result is ready (call `.numpy()` on TensorFlow results).
+    its result is ready (call `.numpy()` on TensorFlow results). `size(batch)`
+    is the number of queries in a batch.
     """
     fn(batches[0])
     best = 0.0
@@ -35,7 +36,7 @@ def queries_per_second(fn, batches, min_seconds, rounds=3):
         while elapsed < min_seconds / rounds:
             for batch in batches:
                 fn(batch)
-                done += len(batch)
+                done += size(batch)
                 elapsed = time.perf_counter() - start
                 if elapsed >= min_seconds / rounds:
                     break

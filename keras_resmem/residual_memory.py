@@ -613,7 +613,7 @@ class ResidualMemory(keras.layers.Layer):
         ids = self._ensure_searcher().search(queries, self._hparam_tensor("k"))
         # Exact distances of the k found, whatever the backend: an approximate
         # search may miss a neighbour but never mis-weights one.
-        neighbor_keys = tf.gather(self.keys, ids)
+        neighbor_keys = search_lib.gather_rows(self.keys, ids)
         squared = tf.reduce_sum(tf.square(queries[:, None, :] - neighbor_keys), axis=-1)
         distances = tf.sqrt(tf.maximum(squared, 0.0))
         # Nearest first by the exact distance, so that the first j of k
@@ -650,10 +650,16 @@ class ResidualMemory(keras.layers.Layer):
             "from_logits": self.from_logits,
         }
         if self.sparse_residuals is None:
-            neighbors = (tf.gather(self.memory_scores, ids), tf.gather(self.memory_targets, ids))
+            neighbors = (
+                search_lib.gather_rows(self.memory_scores, ids),
+                search_lib.gather_rows(self.memory_targets, ids),
+            )
             combine = functools.partial(residuals_lib.resmem_prediction, task=self.task)
         else:
-            neighbors = (tf.gather(self.residual_ids, ids), tf.gather(self.residual_values, ids))
+            neighbors = (
+                search_lib.gather_rows(self.residual_ids, ids),
+                search_lib.gather_rows(self.residual_values, ids),
+            )
             combine = residuals_lib.sparse_resmem_prediction
         prediction, weights = combine(flat_scores, *neighbors, distances, **options)
         prediction = tf.reshape(prediction, tf.shape(scores))
@@ -732,15 +738,34 @@ def _tensor_bytes(tensor):
     return int(array.nbytes)
 
 
-def _assign_rows(variable, start, values):
-    """`variable[start:start + len(values)] = values`, in place."""
-    tf.raw_ops.ResourceStridedSliceAssign(
-        ref=variable.handle,
-        begin=[start],
-        end=[start + len(values)],
-        strides=[1],
-        value=tf.convert_to_tensor(values, dtype=variable.dtype),
-    )
+def _aligned_empty(shape, dtype, align=64):
+    """An uninitialized C-contiguous array whose data starts on an `align`-byte boundary.
+
+    TensorFlow shares, rather than copies, the memory of an array this aligned
+    (`_adopt`). Its pages take RAM only as they are written.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + align, dtype=np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def _adopt(variable, array):
+    """`variable.assign(array)`, the variable taking over the array's memory.
+
+    DLPack hands an aligned array to TensorFlow without a copy, and
+    `AssignVariableOp` keeps the buffer of the tensor it is given: the memory
+    exists once, and the caller must not write to `array` afterwards.
+
+    Entries are written this way, whole, and never row by row into the
+    variable: a sliced assignment (`ResourceStridedSliceAssign`), like a
+    `tf.gather` on the variable itself, puts a TensorFlow variable in
+    copy-on-read mode for good, and from then on every whole read of it
+    (an exact or IVF search, an index build, each request of an exported
+    model) copies the whole table.
+    """
+    variable.assign(tf.experimental.dlpack.from_dlpack(array.__dlpack__()))
 
 
 class _BlockBuffer:
@@ -780,12 +805,13 @@ class _BlockBuffer:
 class _MemoryWriter:
     """Streams entries into a `ResidualMemory`, a batch at a time.
 
-    With `capacity` (the number of entries) known in advance, each batch goes
-    straight into the layer's variables: only the memory itself and one batch
-    are ever held. Without it, batches are kept as they come and copied into
-    the variables at the end, each batch freed once copied; the variables'
-    pages take RAM only as they are written, so the memory is never held
-    twice there either.
+    With `capacity` (the number of entries) known in advance, each batch is
+    written straight into arrays of the memory's full size, which the
+    variables then take over (`_adopt`): only the memory itself and one batch
+    are ever held. Without it, batches are kept in blocks as they come and
+    copied into those arrays at the end, each block freed once copied; the
+    arrays' pages take RAM only as they are written, so the memory is never
+    held twice there either.
     """
 
     def __init__(self, memory, capacity=None):
@@ -793,6 +819,7 @@ class _MemoryWriter:
         self.capacity = capacity
         self.count = 0
         self.buffers = None
+        self.arrays = None
 
     def write(self, keys, scores, targets):
         """Adds entries: `keys (b, d)` float32, `scores (b, c)`, validated `targets`."""
@@ -802,23 +829,29 @@ class _MemoryWriter:
         arrays = {"keys": keys, **self.memory._entry_arrays(scores, targets)}
         if self.count == 0:
             self.key_dim, self.num_outputs = keys.shape[1], scores.shape[1]
+            self.row_specs = {name: (a.shape[1:], a.dtype) for name, a in arrays.items()}
             if self.capacity is not None:
                 self.memory._allocate(self.capacity, self.key_dim, self.num_outputs)
+                self.arrays = self._full_arrays(self.capacity)
             else:
-                self.buffers = {
-                    name: _BlockBuffer(a.shape[1:], a.dtype) for name, a in arrays.items()
-                }
+                self.buffers = {name: _BlockBuffer(*spec) for name, spec in self.row_specs.items()}
         if self.capacity is not None:
             if self.count + len(keys) > self.capacity:
                 raise ValueError(
                     f"The data gave more memory entries than the {self.capacity} expected."
                 )
             for name, values in arrays.items():
-                _assign_rows(getattr(self.memory, name), self.count, values)
+                self.arrays[name][self.count : self.count + len(keys)] = values
         else:
             for name, values in arrays.items():
                 self.buffers[name].append(values)
         self.count += len(keys)
+
+    def _full_arrays(self, n):
+        return {
+            name: _aligned_empty((n, *row_shape), dtype)
+            for name, (row_shape, dtype) in self.row_specs.items()
+        }
 
     def close(self, verbose=0):
         """Finishes the memory and builds its search index."""
@@ -830,14 +863,14 @@ class _MemoryWriter:
             )
         if self.buffers is not None:
             self.memory._allocate(self.count, self.key_dim, self.num_outputs)
+            self.arrays = self._full_arrays(self.count)
             for name, buffer in self.buffers.items():
                 start = 0
                 for block in buffer.pop_blocks():
-                    for i in range(0, len(block), _WRITE_ROWS):
-                        _assign_rows(
-                            getattr(self.memory, name), start + i, block[i : i + _WRITE_ROWS]
-                        )
+                    self.arrays[name][start : start + len(block)] = block
                     start += len(block)
                     del block
             self.buffers = None
+        for name in list(self.arrays):
+            _adopt(getattr(self.memory, name), self.arrays.pop(name))
         self.memory._build_index(verbose=verbose)

@@ -187,3 +187,18 @@ def test_bad_options_fail_before_the_pass_over_the_data(rng):
         keras_resmem.attach_memory(
             functional_model(), "pre_logits", (x, y), batch_size=0, verbose=0
         )
+
+
+def test_memory_from_a_dataset_of_unknown_size_is_read_without_copying_it(rng):
+    x, y = toy_data(rng)
+    dataset = tf.data.Dataset.from_generator(
+        lambda: iter([(x[i : i + 64], y[i : i + 64]) for i in range(0, len(x), 64)]),
+        output_signature=(tf.TensorSpec((None, 8)), tf.TensorSpec((None,), tf.int64)),
+    )
+    model = keras_resmem.attach_memory(functional_model(), "pre_logits", dataset, verbose=0)
+    model.predict(x, verbose=0)
+    memory = model.get_layer("residual_memory")
+    assert memory.memory_size == len(x)
+    for table in (memory.keys, memory.memory_scores, memory.memory_targets):
+        reads = [np.asarray(tf.convert_to_tensor(table)).ctypes.data for _ in range(2)]
+        assert reads[0] == reads[1], table.path

@@ -6,6 +6,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_resmem
 from tests import numpy_reference as ref
@@ -284,3 +285,35 @@ def test_ivf_num_probes_reaches_a_compiled_model(rng):
     assert exact.num_probes is None
     with pytest.raises(ValueError, match="applies to the 'ivf' search backend only"):
         exact.num_probes = 4
+
+
+def _read_shares_the_buffer(variable):
+    """Whether two whole reads of `variable` share one buffer (no copy-on-read)."""
+    first = np.asarray(tf.convert_to_tensor(variable))
+    second = np.asarray(tf.convert_to_tensor(variable))
+    return first.ctypes.data == second.ctypes.data
+
+
+@pytest.mark.parametrize("search", ["exact", "ivf", "scann"])
+@pytest.mark.parametrize("sparse_residuals", [None, 2])
+def test_memory_tables_are_read_without_copying_them(rng, search, sparse_residuals):
+    """Once a table is copied on every whole read, each exact or IVF search copies the keys."""
+    keys, logits, labels = make_memory_data(rng, n=2000)
+    memory = keras_resmem.ResidualMemory(k=3, search=search, sparse_residuals=sparse_residuals)
+    memory.memorize(keys, logits, labels)
+    emb_in, logit_in = keras.Input((6,)), keras.Input((4,))
+    model = keras.Model([emb_in, logit_in], memory([emb_in, logit_in]))
+    queries, query_logits = make_queries(rng)
+    model.predict([queries, query_logits], verbose=0)
+    memory([queries, query_logits])
+    memory.neighbors(queries)
+    tables = [memory.keys, memory.memory_targets]
+    tables += (
+        [memory.memory_scores]
+        if sparse_residuals is None
+        else [memory.residual_ids, memory.residual_values]
+    )
+    for table in tables:
+        assert _read_shares_the_buffer(table), table.path
+    np.testing.assert_array_equal(memory.keys.numpy(), keys)
+    np.testing.assert_array_equal(memory.memory_targets.numpy(), labels)
