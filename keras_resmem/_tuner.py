@@ -7,7 +7,6 @@ import keras_tuner
 import numpy as np
 import tensorflow as tf
 
-from keras_resmem import search as search_lib
 from keras_resmem.api_export import keras_resmem_export
 from keras_resmem.tuning import OBJECTIVES, NeighborCache, trial_metrics
 
@@ -145,7 +144,7 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
         """Median distance from a memory entry to its nearest other entry."""
         n = self.memory.memory_size
         ids = np.random.default_rng(0).permutation(n)[:256]
-        sample = search_lib.gather_rows(self.memory.keys, ids)  # 256 rows, not a copy of the table
+        sample = tf.gather(self.memory.keys, ids)  # 256 rows, not a copy of the table
         old_k = self.memory.k
         self.memory.k = min(2, self.memory.memory_size)
         try:

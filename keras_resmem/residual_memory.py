@@ -613,7 +613,7 @@ class ResidualMemory(keras.layers.Layer):
         ids = self._ensure_searcher().search(queries, self._hparam_tensor("k"))
         # Exact distances of the k found, whatever the backend: an approximate
         # search may miss a neighbour but never mis-weights one.
-        neighbor_keys = search_lib.gather_rows(self.keys, ids)
+        neighbor_keys = tf.gather(self.keys, ids)
         squared = tf.reduce_sum(tf.square(queries[:, None, :] - neighbor_keys), axis=-1)
         distances = tf.sqrt(tf.maximum(squared, 0.0))
         # Nearest first by the exact distance, so that the first j of k
@@ -650,16 +650,10 @@ class ResidualMemory(keras.layers.Layer):
             "from_logits": self.from_logits,
         }
         if self.sparse_residuals is None:
-            neighbors = (
-                search_lib.gather_rows(self.memory_scores, ids),
-                search_lib.gather_rows(self.memory_targets, ids),
-            )
+            neighbors = (tf.gather(self.memory_scores, ids), tf.gather(self.memory_targets, ids))
             combine = functools.partial(residuals_lib.resmem_prediction, task=self.task)
         else:
-            neighbors = (
-                search_lib.gather_rows(self.residual_ids, ids),
-                search_lib.gather_rows(self.residual_values, ids),
-            )
+            neighbors = (tf.gather(self.residual_ids, ids), tf.gather(self.residual_values, ids))
             combine = residuals_lib.sparse_resmem_prediction
         prediction, weights = combine(flat_scores, *neighbors, distances, **options)
         prediction = tf.reshape(prediction, tf.shape(scores))
@@ -759,11 +753,11 @@ def _adopt(variable, array):
     exists once, and the caller must not write to `array` afterwards.
 
     Entries are written this way, whole, and never row by row into the
-    variable: a sliced assignment (`ResourceStridedSliceAssign`), like a
-    `tf.gather` on the variable itself, puts a TensorFlow variable in
-    copy-on-read mode for good, and from then on every whole read of it
-    (an exact or IVF search, an index build, each request of an exported
-    model) copies the whole table.
+    variable: a sliced assignment (`ResourceStridedSliceAssign`) puts a
+    TensorFlow variable in copy-on-read mode for good, and from then on every
+    whole read of it copies the whole table: each search, each gather of
+    neighbours' rows (a Keras variable is read whole for `tf.gather`), each
+    index build.
     """
     variable.assign(tf.experimental.dlpack.from_dlpack(array.__dlpack__()))
 

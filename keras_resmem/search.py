@@ -88,17 +88,6 @@ def smallest_k(values, k, block=32):
     return tf.cond(n >= 2 * k * block, blocked, whole_row)
 
 
-def gather_rows(table, ids):
-    """`tf.gather(table, ids)` for a memory variable, from one whole read of it.
-
-    `tf.gather` on a variable itself (`ResourceGather`) puts it in
-    copy-on-read mode for good: every later whole read, such as exact search
-    over the keys, would copy the whole table. A whole read of a variable not
-    in that mode shares its buffer, so this costs the gathered rows alone.
-    """
-    return tf.gather(tf.convert_to_tensor(table), ids)
-
-
 def _as_tensor(value, dtype):
     # `tf.convert_to_tensor` costs microseconds even when `value` is already
     # such a tensor; an eager single-query search takes tens of them.

@@ -8,7 +8,6 @@ import numpy as np
 import tensorflow as tf
 
 from keras_resmem import residuals as residuals_lib
-from keras_resmem import search as search_lib
 from keras_resmem.api_export import keras_resmem_export
 from keras_resmem.diagnostics import compare
 
@@ -67,14 +66,14 @@ class NeighborCache:
         self.task, self.from_logits, self.max_k = memory.task, memory.from_logits, max_k
         self.scores = tf.reshape(tf.constant(np.asarray(scores, np.float32)), [len(ids), -1])
         self.ids, self.distances = ids, distances
-        self.neighbor_targets = search_lib.gather_rows(memory.memory_targets, ids)
+        self.neighbor_targets = tf.gather(memory.memory_targets, ids)
         self.sparse = memory.sparse_residuals is not None
         if self.sparse:
             self.memory_temperature = memory.temperature
-            self.neighbor_residual_ids = search_lib.gather_rows(memory.residual_ids, ids)
-            self.neighbor_residual_values = search_lib.gather_rows(memory.residual_values, ids)
+            self.neighbor_residual_ids = tf.gather(memory.residual_ids, ids)
+            self.neighbor_residual_values = tf.gather(memory.residual_values, ids)
         else:
-            self.neighbor_scores = search_lib.gather_rows(memory.memory_scores, ids)
+            self.neighbor_scores = tf.gather(memory.memory_scores, ids)
 
     def _check_k(self, k):
         if not 1 <= k <= self.max_k:
