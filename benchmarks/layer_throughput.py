@@ -29,19 +29,12 @@ import os
 import time
 
 import _common
-import keras
 import numpy as np
 import tensorflow as tf
+from _build_rss import memory_model
 from embeddings import ROOT, fashion_mnist_memory
 
 import keras_resmem
-
-
-def memory_model(memory, key_dim, num_outputs):
-    """`[embeddings, logits] -> ResMem prediction`, the memory layer alone."""
-    embeddings = keras.Input((key_dim,), name="embeddings")
-    logits = keras.Input((num_outputs,), name="logits")
-    return keras.Model([embeddings, logits], memory([embeddings, logits]))
 
 
 def measure(search, arrays, args):
