@@ -842,9 +842,13 @@ class _MemoryWriter:
         self.count += len(keys)
 
     def _full_arrays(self, n):
+        # In the variables' dtypes: a mixed-precision model gives float16 keys.
         return {
-            name: _aligned_empty((n, *row_shape), dtype)
-            for name, (row_shape, dtype) in self.row_specs.items()
+            name: _aligned_empty(
+                (n, *row_shape),
+                keras.backend.standardize_dtype(getattr(self.memory, name).dtype),
+            )
+            for name, (row_shape, _) in self.row_specs.items()
         }
 
     def close(self, verbose=0):
