@@ -287,7 +287,7 @@ def test_ivf_num_probes_reaches_a_compiled_model(rng):
         exact.num_probes = 4
 
 
-def _read_shares_the_buffer(variable):
+def read_shares_the_buffer(variable):
     """Whether two whole reads of `variable` share one buffer (no copy-on-read)."""
     first = np.asarray(tf.convert_to_tensor(variable))
     second = np.asarray(tf.convert_to_tensor(variable))
@@ -314,6 +314,6 @@ def test_memory_tables_are_read_without_copying_them(rng, search, sparse_residua
         else [memory.residual_ids, memory.residual_values]
     )
     for table in tables:
-        assert _read_shares_the_buffer(table), table.path
+        assert read_shares_the_buffer(table), table.path
     np.testing.assert_array_equal(memory.keys.numpy(), keys)
     np.testing.assert_array_equal(memory.memory_targets.numpy(), labels)
