@@ -44,6 +44,28 @@ def queries_per_second(fn, batches, min_seconds, rounds=3, size=len):
     return best
 
 
+def pybind_scann(keys, k):
+    """ScaNN's own Python API index of `keys`, built with the library's default ScaNN options.
+
+    The same tree (or brute force, for a small memory) as `ScannSearch.build`,
+    without TensorFlow. Returns `(searcher, options)`.
+    """
+    from scann.scann_ops.py import scann_ops_pybind
+
+    from keras_resmem import search as search_lib
+
+    options = search_lib.resolve_scann_options(*keys.shape)
+    builder = scann_ops_pybind.builder(keys, k, "squared_l2")
+    if not options["brute_force"]:
+        builder = builder.tree(
+            num_leaves=options["num_leaves"],
+            num_leaves_to_search=options["num_leaves_to_search"],
+            training_sample_size=options["training_sample_size"],
+            min_partition_size=options["min_partition_size"],
+        )
+    return builder.score_brute_force().build(), options
+
+
 def in_batches(array, batch):
     """`array` split into consecutive slices of `batch` rows."""
     return [array[i : i + batch] for i in range(0, len(array), batch)]

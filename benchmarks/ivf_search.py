@@ -16,6 +16,7 @@ import os
 import platform
 import time
 
+import _common
 import numpy as np
 import tensorflow as tf
 from embeddings import ROOT, fashion_mnist_embeddings
@@ -24,23 +25,12 @@ from keras_resmem import _io
 from keras_resmem import search as search_lib
 
 
-def recall(found, truth):
-    k = truth.shape[1]
-    return float(np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth, strict=True)]))
-
-
 def queries_per_second(fn, queries, batch, min_seconds):
-    """Throughput of `fn` over `queries` in batches of `batch` (after a warm-up call)."""
+    """Throughput of `fn` over `queries` in batches of `batch`: one timed round, after a warm-up."""
     batches = [tf.constant(queries[i : i + batch]) for i in range(0, len(queries), batch)]
-    fn(batches[0])
-    done, start = 0, time.perf_counter()
-    while True:
-        for b in batches:
-            fn(b).numpy()
-            done += int(b.shape[0])
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds:
-            return done / elapsed
+    return _common.queries_per_second(
+        lambda b: fn(b).numpy(), batches, min_seconds, rounds=1, size=lambda b: int(b.shape[0])
+    )
 
 
 def main(argv=None):
@@ -94,7 +84,7 @@ def main(argv=None):
             "backend": "ivf",
             "num_probes": p,
             "default": p == options["num_probes"],
-            "recall": recall(found, truth),
+            "recall": _common.recall(found, truth),
             "qps_batch_1": queries_per_second(ivf_fn, queries[:200], 1, args.min_seconds),
             "qps_batch_256": queries_per_second(ivf_fn, queries, 256, args.min_seconds),
         }

@@ -127,23 +127,7 @@ def build_backend(name, keys, key_var, k, args):
         backend.set_knob = lambda v: setattr(searcher, "leaves_to_search", int(v))
         return backend, seconds, {"options": searcher.options}
     if name == "scann-pybind":
-        from scann.scann_ops.py import scann_ops_pybind
-
-        options = search_lib.resolve_scann_options(n, d)
-        builder = scann_ops_pybind.builder(keys, k, "squared_l2")
-        if options["brute_force"]:
-            searcher = builder.score_brute_force().build()
-        else:
-            searcher = (
-                builder.tree(
-                    num_leaves=options["num_leaves"],
-                    num_leaves_to_search=options["num_leaves_to_search"],
-                    training_sample_size=options["training_sample_size"],
-                    min_partition_size=options["min_partition_size"],
-                )
-                .score_brute_force()
-                .build()
-            )
+        searcher, options = _common.pybind_scann(keys, k)
         seconds = time.perf_counter() - start
         state = {"leaves": options.get("num_leaves_to_search", -1)}
 
