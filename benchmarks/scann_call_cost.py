@@ -48,22 +48,8 @@ from keras_resmem import _io
 from keras_resmem import search as search_lib
 
 
-def true_neighbours(keys, queries, k, block=250):
-    """The ids of the `k` nearest keys of each query, by exact L2 distance (NumPy)."""
-    keys_sq = np.einsum("ij,ij->i", keys, keys)
-    out = []
-    for i in range(0, len(queries), block):
-        q = queries[i : i + block]
-        d = keys_sq[None, :] - 2.0 * (q @ keys.T)  # + |q|^2, the same for every key
-        part = np.argpartition(d, k, axis=1)[:, :k]
-        order = np.argsort(np.take_along_axis(d, part, axis=1), axis=1)
-        out.append(np.take_along_axis(part, order, axis=1))
-    return np.concatenate(out)
-
-
-def ways_of_calling(keys, k, args):
+def ways_of_calling(keys, key_var, k, args):
     """`{name: (batch, search(batch) -> ids, prepare)}` for every way timed."""
-    key_var = tf.Variable(keys, trainable=False)
     built = {}
     for name, knob in (
         ("scann-pybind", args.scann_leaves),
@@ -103,7 +89,7 @@ def ways_of_calling(keys, k, args):
         )
         ways[f"faiss HNSW ef {args.ef}, batch {batch}"] = (batch, built["faiss-hnsw"].search, None)
     ways["tf.identity (any eager op), batch 1"] = (1, identity, tf.constant)
-    return ways, (key_var, searcher, built)
+    return ways, (searcher, built)
 
 
 def run(args):
@@ -113,28 +99,29 @@ def run(args):
     keys = np.ascontiguousarray(arrays["keys"][: args.size], dtype=np.float32)
     queries = np.ascontiguousarray(arrays["queries"], dtype=np.float32)
     k = args.k
-    truth = true_neighbours(keys, queries[: args.recall_queries], k)
-    ways, keep_alive = ways_of_calling(keys, k, args)
+    key_var = tf.Variable(keys, trainable=False)
+    exact = search_lib.ExactSearch(key_var)  # the ground truth, as in scale.py
+    recall_queries = queries[: args.recall_queries]
+    truth = np.concatenate(
+        [exact.search(b, k).numpy() for b in _common.in_batches(recall_queries, 256)]
+    )
+    ways, keep_alive = ways_of_calling(keys, key_var, k, args)
     workloads = {1: queries[: args.batch1_queries], 256: queries[: args.batch256_queries]}
     rows = {}
     for name, (batch, search, prepare) in ways.items():
         prepare = prepare or (lambda b: b)
         found = np.concatenate(
-            [
-                np.asarray(search(prepare(b)))
-                for b in _common.in_batches(queries[: args.recall_queries], batch)
-            ]
+            [np.asarray(search(prepare(b))) for b in _common.in_batches(recall_queries, batch)]
         )
         recall = None if name.startswith("tf.identity") else _common.recall(found[:, :k], truth)
         batches = [prepare(b) for b in _common.in_batches(workloads[batch], batch)]
-        search(batches[0])  # warm-up: tracing, caches
         rows[name] = {"batch": batch, "recall": recall, "qps": [], "batches": batches}
     for r in range(args.rounds):
         for name, (_, search, _) in ways.items():
             row = rows[name]
             row["qps"].append(_common.queries_per_second(search, row["batches"], args.seconds, 1))
         print(f"round {r + 1}/{args.rounds} done", flush=True)
-    del keep_alive
+    del keep_alive, exact, key_var
     out = []
     for name, row in rows.items():
         median = statistics.median(row["qps"])

@@ -1,4 +1,4 @@
-"""The benchmark scripts' own arithmetic: ground truth, ratios, the index-only RSS build."""
+"""The benchmark scripts' own arithmetic: ratios to FAISS, the index-only RSS build."""
 
 import os
 import sys
@@ -9,16 +9,6 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import _build_rss  # noqa: E402
 import scann_call_cost  # noqa: E402
-
-
-def test_true_neighbours_match_a_full_sort_of_l2_distances():
-    rng = np.random.default_rng(0)
-    keys = rng.normal(size=(3000, 8)).astype(np.float32)
-    queries = rng.normal(size=(37, 8)).astype(np.float32)
-    distances = ((queries[:, None, :] - keys[None, :, :]) ** 2).sum(-1)
-    expected = np.argsort(distances, axis=1)[:, :10]
-    found = scann_call_cost.true_neighbours(keys, queries, 10, block=16)
-    np.testing.assert_array_equal(found, expected)
 
 
 def test_ratios_to_faiss_divide_by_the_faster_faiss_index_of_each_round():
