@@ -2,20 +2,29 @@
 
 Each run trains the main job's CNN (examples/fashion_mnist.py) and attaches a
 memory keyed on its `pool2` feature map (the layer the main job picks on
-validation). It chooses k, sigma and T, and the kNN-on-labels baseline's k and
-sigma, on a validation split carved from the training data, then measures test
-accuracy once, plus training accuracy on up to 10,000 training images. Sweeps:
+validation). It chooses the settings of ResMem and of the two baselines over the
+same neighbours (kNN on labels; kNN-LM-style interpolation) on a validation
+split carved from the training data, then measures test accuracy once, plus
+training accuracy on up to 10,000 training images. Sweeps:
 
 - `data`: 10%, 25%, 50%, 100% of the training split (the paper's Figure 3, left);
 - `width`: CNN widths 4, 8, 16, 32, at full data (Figure 3, right);
-- `noise`: 0%, 20%, 50%, 100% of the training (and validation) labels replaced
-  by random ones, with clean test labels (Zhang et al., 2017).
+- `noise`: 0%, 20%, 50%, 100% of the labels of a 1,000-image training subset
+  (and of its validation split) replaced by random ones, with clean test labels
+  (Zhang et al., 2017).
+
+The data and width sweeps train each CNN to convergence: early stopping on the
+validation loss, best weights restored (examples/_protocol.py). The random-label
+sweep follows Zhang et al. instead: it trains until the network fits its
+training labels (99.9% training accuracy, or the training loss stops
+improving), with no early stopping on validation, since fitting the noise is
+the point; its subset is small enough for that to happen on a CPU.
 
 The full-data, width-16 run also writes a figure of test images that ResMem
 fixed and broke, with their nearest training images (the paper's Figure 2).
 Writes tables and PNG figures to `results/fashion_mnist_trends/`.
 
-    python examples/fashion_mnist_trends.py                # 3 seeds, ~20 minutes on 2 CPU cores
+    python examples/fashion_mnist_trends.py                # 3 seeds, about an hour on 2 CPU cores
     python examples/fashion_mnist_trends.py --seeds 0 --sweeps data  # one seed, one sweep
 """
 
@@ -32,72 +41,126 @@ import keras_resmem
 from keras_resmem import _io, diagnostics, residuals
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fashion_mnist import build_cnn, choose, load_splits  # noqa: E402
+import _protocol as protocol  # noqa: E402
+from fashion_mnist import build_cnn, load_splits  # noqa: E402
 
 CLASS_NAMES = [
     "T-shirt", "trouser", "pullover", "dress", "coat",
     "sandal", "shirt", "sneaker", "bag", "boot",
 ]  # fmt: skip
-GRID = {
-    "k": [10, 25, 50, 100],
-    "sigma": [0.1, 0.2, 0.4, 0.7, 1.0, 2.0, 4.0, 8.0],
-    "temperature": [0.5, 1.0, 1.4, 2.0, 3.0],
-}
+KS = [10, 25, 50, 100]
 
 
-def run(splits, *, width, epochs, seed, layer, train_eval_size, figure=None):
-    """Trains one CNN, attaches its memory, and measures DeepNet, ResMem and kNN."""
+def run(splits, *, width, seed, layer, train_eval_size, fit, max_epochs, figure=None):
+    """Trains one CNN (`fit`: "converge" or "memorize"), attaches its memory, and
+    measures DeepNet, ResMem and the two baselines, each chosen on validation."""
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = splits
     keras.utils.set_random_seed(seed)
     base = build_cnn(width=width)
     base.compile(
         optimizer=keras.optimizers.Adam(2e-3),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
     )
     start = time.perf_counter()
-    base.fit(x_train, y_train, batch_size=128, epochs=epochs, verbose=0)
+    if fit == "converge":
+        training = protocol.train_to_convergence(
+            base, (x_train, y_train), (x_val, y_val), verbose=0, max_epochs=max_epochs
+        )
+    else:
+        training = fit_training_set(base, x_train, y_train, max_epochs=max_epochs)
     resmem = keras_resmem.attach_memory(base, layer, (x_train, y_train), verbose=0)
     memory = resmem.get_layer("residual_memory")
     features = keras.Model(base.inputs, [base.get_layer(layer).output, base.output])
-    max_k = min(max(GRID["k"]), memory.memory_size)
-    grid = {**GRID, "k": [k for k in GRID["k"] if k <= max_k]}
+    max_k = min(max(KS), memory.memory_size)
+    grids = protocol.grids([k for k in KS if k <= max_k])
 
     def cache(x):
         embeddings, scores = features.predict(x, batch_size=512, verbose=0)
         return keras_resmem.tuning.NeighborCache(memory, embeddings, scores, max_k), scores
 
     val, _ = cache(x_val)
-    chosen, val_accuracy = choose(val.predict, grid, y_val)
-    knn_chosen, _ = choose(val.knn_label_scores, {"k": grid["k"], "sigma": grid["sigma"]}, y_val)
+    choices = val.choose_all(y_val, grids)
     test, test_scores = cache(x_test)
-    resmem_test = test.predict(**chosen)
-    comparison = keras_resmem.compare(y_test, test_scores, resmem_test)
-    knn = float((test.knn_label_scores(**knn_chosen).argmax(-1) == y_test).mean())
+    test_predictions = {m: test.predict(method=m, **c.settings) for m, c in choices.items()}
+    comparisons = keras_resmem.compare(y_test, test_scores, test_predictions)
     subset = np.random.default_rng(seed).permutation(len(x_train))[:train_eval_size]
     train, train_scores = cache(x_train[subset])
-    train_cmp = keras_resmem.compare(y_train[subset], train_scores, train.predict(**chosen))
+    train_cmp = keras_resmem.compare(
+        y_train[subset], train_scores, train.predict(method="resmem", **choices["resmem"].settings)
+    )
     row = {
         "width": width,
         "parameters": base.count_params(),
         "train_size": len(x_train),
-        "chosen": chosen,
-        "knn_chosen": knn_chosen,
-        "val_resmem_accuracy": val_accuracy,
-        "test_deepnet": comparison.deepnet_accuracy,
-        "test_resmem": comparison.resmem_accuracy,
-        "test_knn_labels": knn,
-        "tpr": comparison.tpr,
-        "fpr": comparison.fpr,
-        "gain": comparison.gain,
+        "epochs_run": training["epochs_run"],
+        "best_epoch": training["best_epoch"],
+        "capped": training["capped"],
+        "chosen": {m: c.settings for m, c in choices.items()},
+        "val": {m: c.accuracy for m, c in choices.items()},
+        "test_deepnet": comparisons["resmem"].deepnet_accuracy,
+        "test_resmem": comparisons["resmem"].resmem_accuracy,
+        "test_knn": comparisons["knn"].resmem_accuracy,
+        "test_interpolation": comparisons["interpolation"].resmem_accuracy,
+        "tpr": comparisons["resmem"].tpr,
+        "fpr": comparisons["resmem"].fpr,
+        "gain": comparisons["resmem"].gain,
+        "resmem_minus_best_baseline": comparisons["resmem"].resmem_accuracy
+        - max(comparisons["knn"].resmem_accuracy, comparisons["interpolation"].resmem_accuracy),
         "train_deepnet": train_cmp.deepnet_accuracy,
         "train_resmem": train_cmp.resmem_accuracy,
         "seconds": time.perf_counter() - start,
     }
     if figure:
         row["near_misses"] = near_miss_figure(
-            test, chosen, test_scores, resmem_test, x_test, y_test, x_train, memory, figure
+            test,
+            choices["resmem"].settings,
+            test_scores,
+            test_predictions["resmem"],
+            x_test,
+            y_test,
+            x_train,
+            memory,
+            figure,
         )
     return row
+
+
+def fit_training_set(model, x, y, max_epochs=3000):
+    """Zhang et al.'s protocol: train until the network fits its (random) training labels.
+
+    Stops once training accuracy reaches 99.9%, or when the training loss has
+    not improved for 50 epochs; the weights of the last epoch are kept. No
+    early stopping on validation: the point is to fit the noise.
+    """
+
+    class StopWhenFitted(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if logs["accuracy"] >= 0.999:
+                self.model.stop_training = True
+
+    stop = keras.callbacks.EarlyStopping(monitor="loss", patience=50)
+    plateau = keras.callbacks.ReduceLROnPlateau(
+        monitor="loss", factor=1 / 3, patience=20, min_lr=1e-5
+    )
+    start = time.perf_counter()
+    history = model.fit(
+        x,
+        y,
+        batch_size=32,
+        epochs=max_epochs,
+        callbacks=[StopWhenFitted(), stop, plateau],
+        verbose=0,
+    )
+    epochs = len(history.history["loss"])
+    accuracy = history.history["accuracy"][-1]
+    return {
+        "epochs_run": epochs,
+        "best_epoch": epochs,
+        "capped": epochs == max_epochs,
+        "final_train_accuracy": float(accuracy),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def near_miss_figure(cache, chosen, deepnet, resmem, x_test, y_test, x_train, memory, path):
@@ -143,8 +206,8 @@ def randomize(labels, fraction, seed):
 
 
 METRICS = (
-    "test_deepnet", "test_resmem", "test_knn_labels", "gain", "tpr", "fpr",
-    "train_deepnet", "train_resmem",
+    "test_deepnet", "test_resmem", "test_knn", "test_interpolation", "gain", "tpr", "fpr",
+    "resmem_minus_best_baseline", "train_deepnet", "train_resmem", "epochs_run",
 )  # fmt: skip
 
 
@@ -154,7 +217,7 @@ def aggregate(runs, **extra):
     row["train_size"] = runs[0]["train_size"]
     for key in METRICS:
         values = [r[key] for r in runs]
-        row[key], row[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
+        row[key], row[f"{key}_std"] = protocol.mean_std(values)
     row["chosen"] = [r["chosen"] for r in runs]
     row["runs"] = runs
     return row
@@ -170,16 +233,20 @@ def plot(rows, x_key, x_label, title, path, log_x=False):
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     series = {
         "test": (("test_deepnet", "s-", "DeepNet"), ("test_resmem", "o-", "ResMem"),
-                 ("test_knn_labels", "^--", "kNN on labels")),
+                 ("test_knn", "^--", "kNN on labels"),
+                 ("test_interpolation", "v--", "kNN-LM interpolation")),
         "train": (("train_deepnet", "s-", "DeepNet"), ("train_resmem", "o-", "ResMem")),
-        "gain": (("gain", "o-", "ResMem - DeepNet"),),
+        "gain": (("gain", "o-", "ResMem - DeepNet"),
+                 ("resmem_minus_best_baseline", "d--", "ResMem - better baseline")),
     }  # fmt: skip
     for ax, (name, lines) in zip(axes, series.items(), strict=True):
         for key, style, label in lines:
             ys = [r[key] for r in rows]
             ax.errorbar(xs, ys, yerr=[r[f"{key}_std"] for r in rows], fmt=style, label=label,
                         capsize=3)  # fmt: skip
-        ylabel = "test accuracy gain" if name == "gain" else f"{name} accuracy"
+        ylabel = "test accuracy difference" if name == "gain" else f"{name} accuracy"
+        if name == "gain":
+            ax.axhline(0, color="grey", lw=0.8)
         ax.set(xlabel=x_label, ylabel=ylabel, title=ylabel)
         if log_x:
             ax.set_xscale("log", base=2)
@@ -194,19 +261,29 @@ def plot(rows, x_key, x_label, title, path, log_x=False):
 
 def table(rows, first_key, first_label):
     pm = lambda r, key: f"{r[key]:.2%} ± {r[key + '_std']:.2%}"  # noqa: E731
+    points = lambda r, key: f"{100 * r[key]:+.2f} ± {100 * r[key + '_std']:.2f}"  # noqa: E731
     lines = [
-        f"| {first_label} | params | DeepNet test | ResMem test | kNN test | gain | TPR | FPR "
-        "| DeepNet train | ResMem train | k, sigma, T by seed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| {first_label} | params | epochs | DeepNet test | ResMem test | kNN test "
+        "| interpolation test | gain (points) | ResMem - better baseline (points) | TPR | FPR "
+        "| DeepNet train | ResMem train |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        chosen = "; ".join(f"{c['k']}, {c['sigma']}, {c['temperature']}" for c in r["chosen"])
         lines.append(
-            f"| {r[first_key]} | {r['parameters']:,} | {pm(r, 'test_deepnet')} | "
-            f"{pm(r, 'test_resmem')} | {pm(r, 'test_knn_labels')} | {pm(r, 'gain')} | "
-            f"{r['tpr']:.2%} | {r['fpr']:.2%} | {r['train_deepnet']:.2%} | "
-            f"{pm(r, 'train_resmem')} | {chosen} |"
+            f"| {r[first_key]} | {r['parameters']:,} | {r['epochs_run']:.0f} | "
+            f"{pm(r, 'test_deepnet')} | {pm(r, 'test_resmem')} | {pm(r, 'test_knn')} | "
+            f"{pm(r, 'test_interpolation')} | {points(r, 'gain')} | "
+            f"{points(r, 'resmem_minus_best_baseline')} | {r['tpr']:.2%} | {r['fpr']:.2%} | "
+            f"{pm(r, 'train_deepnet')} | {pm(r, 'train_resmem')} |"
         )
+    lines += ["", "Chosen on validation, by seed (ResMem k, sigma, T; kNN k, sigma):", ""]
+    for r in rows:
+        per_seed = "; ".join(
+            f"{c['resmem']['k']}, {c['resmem']['sigma']}, {c['resmem']['temperature']} / "
+            f"{c['knn']['k']}, {c['knn']['sigma']}"
+            for c in r["chosen"]
+        )
+        lines.append(f"- {first_label} {r[first_key]}: {per_seed}")
     return "\n".join(lines)
 
 
@@ -217,7 +294,17 @@ def main(argv=None):
     parser.add_argument("--widths", default="4,8,16,32")
     parser.add_argument("--noise", default="0,0.2,0.5,1.0")
     parser.add_argument("--seeds", default="0,1,2", help="each seed: its own split and init")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument(
+        "--noise-train-size",
+        type=int,
+        default=1000,
+        help="random-label sweep: training images (small enough for the CNN to fit them all)",
+    )
+    parser.add_argument("--noise-val-size", type=int, default=1000)
+    parser.add_argument(
+        "--max-epochs", type=int, default=300, help="cap at full data; never reached"
+    )
+    parser.add_argument("--noise-max-epochs", type=int, default=3000, help="cap; never reached")
     parser.add_argument("--val-size", type=int, default=6000)
     parser.add_argument("--test-size", type=int, default=None, help="subset (smoke runs)")
     parser.add_argument("--train-size", type=int, default=None, help="subset (smoke runs)")
@@ -231,7 +318,9 @@ def main(argv=None):
         parser.error(f"--sweeps takes data, width, noise. Received: {sorted(unknown)}")
     seeds = [int(v) for v in args.seeds.split(",")]
     out = args.output_dir
-    common = dict(epochs=args.epochs, layer=args.layer, train_eval_size=args.train_eval_size)
+    common = dict(layer=args.layer, train_eval_size=args.train_eval_size)
+    converge = dict(common, fit="converge", max_epochs=args.max_epochs)
+    memorize = dict(common, fit="memorize", max_epochs=args.noise_max_epochs)
     command = f"`python examples/fashion_mnist_trends.py {' '.join(argv or sys.argv[1:])}`"
     figure = os.path.join(out, "near_misses.png")
 
@@ -248,7 +337,7 @@ def main(argv=None):
     def full_run(seed):
         if seed not in full_width_16:
             fig = figure if seed == seeds[0] else None
-            full_width_16[seed] = run(splits(seed), width=16, seed=seed, figure=fig, **common)
+            full_width_16[seed] = run(splits(seed), width=16, seed=seed, figure=fig, **converge)
         return full_width_16[seed]
 
     def sweep(name, values, one_run):
@@ -264,19 +353,25 @@ def main(argv=None):
             return full_run(seed)
         (x, y), val, test = splits(seed)
         n = int(round(fraction * len(x)))
-        return run(((x[:n], y[:n]), val, test), width=16, seed=seed, **common)
+        # The cap in optimizer steps stays that of the full data: a tenth of
+        # the data gets ten times the epochs.
+        cap = int(np.ceil(args.max_epochs / fraction))
+        return run(
+            ((x[:n], y[:n]), val, test), width=16, seed=seed, **{**converge, "max_epochs": cap}
+        )
 
     def width_run(width, seed):
         if width == 16:
             return full_run(seed)
-        return run(splits(seed), width=width, seed=seed, **common)
+        return run(splits(seed), width=width, seed=seed, **converge)
 
     def noise_run(noise, seed):
-        if noise == 0:
-            return full_run(seed)
+        # A subset small enough for the CNN to fit every (random) label, as
+        # Zhang et al. do; validation from the same noisy training data.
         (x, y), (xv, yv), test = splits(seed)
-        noisy = ((x, randomize(y, noise, seed)), (xv, randomize(yv, noise, seed + 1)), test)
-        return run(noisy, width=16, seed=seed, **common)
+        n, nv = args.noise_train_size, args.noise_val_size
+        y, yv = randomize(y[:n], noise, seed), randomize(yv[:nv], noise, seed + 1)
+        return run(((x[:n], y), (xv[:nv], yv), test), width=16, seed=seed, **memorize)
 
     results, sections = {}, []
     if "data" in sweeps:
@@ -298,15 +393,20 @@ def main(argv=None):
              os.path.join(out, "random_labels.png"))  # fmt: skip
         sections.append(
             (
-                "Random labels (training accuracy on the labels trained on; clean test labels)",
+                f"Random labels ({args.noise_train_size:,} training images, trained until "
+                "they are fitted; training accuracy on the labels trained on; clean test "
+                "labels)",
                 table(rows, "noise", "random labels"),
             )
         )
 
     text = (
         f"# Fashion-MNIST trends\n\n{command}\n\nMean ± standard deviation over seeds "
-        f"{seeds} (each seed: its own validation split and initialisation).\n\n"
-        + "\n\n".join(f"## {title}\n\n{body}" for title, body in sections)
+        f"{seeds} (each seed: its own validation split and initialisation). Data and width "
+        "sweeps: DeepNet trained to convergence (early stopping on the validation loss, best "
+        "weights restored); the random-label sweep trains until the training labels are "
+        "fitted. Each method's settings are chosen on validation; the test set is scored "
+        "once.\n\n" + "\n\n".join(f"## {title}\n\n{body}" for title, body in sections)
     )
     first = full_width_16.get(seeds[0], {})
     if "near_misses" in first:

@@ -7,6 +7,7 @@ import keras_tuner
 import numpy as np
 import tensorflow as tf
 
+from keras_resmem import residuals as residuals_lib
 from keras_resmem.api_export import keras_resmem_export
 from keras_resmem.tuning import OBJECTIVES, NeighborCache, trial_metrics
 
@@ -22,7 +23,7 @@ def _largest_value(hp):
 
 @keras_resmem_export("keras_resmem.tuning.ResMemTuner")
 class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
-    """Keras Tuner sweeps of a ResMem memory's `k`, `sigma` and `temperature`.
+    """Keras Tuner sweeps of a memory's `k`, `sigma`, `temperature` (and `method`).
 
     A `keras_tuner` tuner whose trials are settings of a memory that is
     already built: the network runs once over the validation set, and the
@@ -35,6 +36,12 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
     without failing. With `tensorboard=True` each trial is logged for the
     TensorBoard HParams dashboard under `<project_dir>/tensorboard`.
 
+    `method` sweeps the baselines instead of ResMem, or lets the search pick
+    among several methods (a `method` hyperparameter): `"knn"` (kNN on
+    labels) and `"interpolation"` (kNN-LM-style, with a `knn_weight`
+    hyperparameter); see `keras_resmem.ResidualMemory`. A hyperparameter the
+    trial's method does not use is ignored.
+
     Args:
         model: the model returned by `keras_resmem.attach_memory`.
         validation_data: `(x_val, y_val)`, carved from the training data;
@@ -42,11 +49,15 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
         objective: with no `oracle`: `"val_accuracy"`, `"val_gain"` or
             `"val_tpr_at_fpr"`.
         fpr_bound: the FPR bound of `val_tpr_at_fpr` (the paper's 0.05).
+        method: `"resmem"`, `"knn"`, `"interpolation"`, or a list of them to
+            choose among.
         oracle: a `keras_tuner` oracle; its objective names one of the metrics
             above with `direction="max"`. Default: random search.
         max_trials, seed: of the default random-search oracle.
         hyperparameters: a `keras_tuner.HyperParameters` with `k`, `sigma`,
-            `temperature`; default `default_hyperparameters()`.
+            `temperature` (ResMem and interpolation), `knn_weight`
+            (interpolation) and `method` (several methods); default
+            `default_hyperparameters()`.
         memory_layer: the name of the `ResidualMemory` layer in `model`.
         batch_size: batch size of the one pass over the validation set.
         tensorboard: whether to write HParams logs.
@@ -79,6 +90,7 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
         validation_data,
         *,
         objective="val_accuracy",
+        method="resmem",
         fpr_bound=0.05,
         oracle=None,
         max_trials=100,
@@ -99,6 +111,13 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
                 "`keras_resmem.attach_memory`, or name its ResidualMemory layer with "
                 f"`memory_layer`. Layers: {[layer.name for layer in model.layers]}"
             ) from None
+        methods = [method] if isinstance(method, str) else list(method)
+        if not methods or any(m not in residuals_lib.METHODS for m in methods):
+            raise ValueError(
+                f"`method` must be one of {residuals_lib.METHODS}, or a list of them. "
+                f"Received: method={method!r}"
+            )
+        self.methods = methods
         if not (isinstance(fpr_bound, float | int) and 0 < fpr_bound <= 1):
             raise ValueError(f"`fpr_bound` must be in (0, 1]. Received: fpr_bound={fpr_bound!r}")
         if oracle is None:
@@ -124,21 +143,56 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
             overwrite=overwrite,
         )
         space = hyperparameters or self.default_hyperparameters()
-        missing = {"k", "sigma", "temperature"} - {hp.name for hp in space.space}
+        missing = self._required_names() - {hp.name for hp in space.space}
         if missing:
             raise ValueError(
-                f"`hyperparameters` must define k, sigma and temperature; missing {missing}."
+                f"`hyperparameters` must define {sorted(self._required_names())} for "
+                f"method={method!r}; missing {sorted(missing)}."
             )
         self.oracle.update_space(space)
 
+    def _required_names(self):
+        names = {"k", "sigma"}
+        if self.memory.task == "classification" and set(self.methods) - {"knn"}:
+            names.add("temperature")
+        if "interpolation" in self.methods:
+            names.add("knn_weight")
+        if len(self.methods) > 1:
+            names.add("method")
+        return names
+
     def default_hyperparameters(self):
-        """k in [1, 200] and sigma, T on log scales; sigma around the memory's spacing."""
+        """k in [1, 200] and sigma, T on log scales; sigma around the memory's spacing.
+
+        A sparse memory's temperature is fixed when it is built, so it is
+        fixed here too. With interpolation, `knn_weight` in [0, 1]; with
+        several methods, a `method` choice.
+        """
         hp = keras_tuner.HyperParameters()
         scale = self._distance_scale()
+        names = self._required_names()
+        if "method" in names:
+            hp.Choice("method", self.methods)
         hp.Int("k", 1, min(200, self.memory.memory_size), sampling="log")
         hp.Float("sigma", scale / 20, scale * 20, sampling="log")
-        hp.Float("temperature", 0.1, 5.0, sampling="log")
+        if "temperature" in names:
+            if self.memory.sparse_residuals is not None:
+                hp.Fixed("temperature", self.memory.temperature)
+            else:
+                hp.Float("temperature", 0.1, 5.0, sampling="log")
+        if "knn_weight" in names:
+            hp.Float("knn_weight", 0.0, 1.0)
         return hp
+
+    def _trial_settings(self, values):
+        """The `NeighborCache.predict` (and memory attribute) settings of a trial."""
+        method = values.get("method", self.methods[0])
+        settings = {"method": method, "k": values["k"], "sigma": values["sigma"]}
+        if method != "knn" and "temperature" in values:
+            settings["temperature"] = values["temperature"]
+        if method == "interpolation":
+            settings["knn_weight"] = values["knn_weight"]
+        return settings
 
     def _distance_scale(self):
         """Median distance from a memory entry to its nearest other entry."""
@@ -170,8 +224,7 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
         self._deepnet_classes = scores.argmax(-1)
 
     def run_trial(self, trial, *args, **kwargs):
-        hp = trial.hyperparameters
-        scores = self._cache.predict(hp["k"], hp["sigma"], hp["temperature"])
+        scores = self._cache.predict(**self._trial_settings(trial.hyperparameters.values))
         metrics = trial_metrics(self._y_val, self._deepnet_classes, scores, self.fpr_bound)
         if self.tensorboard:
             self._log_tensorboard(trial, metrics)
@@ -190,9 +243,7 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
         pass  # a trial is three numbers; the model never changes
 
     def load_model(self, trial):
-        """The model, with the memory set to the trial's k, sigma and T."""
-        values = trial.hyperparameters.values
-        self.memory.k = values["k"]
-        self.memory.sigma = values["sigma"]
-        self.memory.temperature = values["temperature"]
+        """The model, with the memory set to the trial's method, k, sigma (and T, weight)."""
+        for name, value in self._trial_settings(trial.hyperparameters.values).items():
+            setattr(self.memory, name, value)
         return self.model

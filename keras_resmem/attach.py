@@ -201,6 +201,8 @@ def attach_memory(
     k=50,
     sigma=1.0,
     temperature=1.0,
+    method="resmem",
+    knn_weight=0.5,
     task="classification",
     search="auto",
     sparse_residuals=None,
@@ -245,6 +247,10 @@ def attach_memory(
         k: the number of neighbours combined.
         sigma: the distance scale of the neighbour weights.
         temperature: the softmax temperature `T` (classification).
+        method: `"resmem"`, or a baseline over the same neighbours: `"knn"`
+            (kNN on labels) or `"interpolation"` (kNN-LM-style); see
+            `ResidualMemory`. Can be changed later on the memory layer.
+        knn_weight: `"interpolation"` only: the weight of the kNN on labels.
         task: `"classification"` or `"regression"`.
         search: `"auto"`, `"exact"`, `"ivf"` or `"scann"`; see `ResidualMemory`.
             For a SavedModel that stock TensorFlow Serving can load, use
@@ -296,6 +302,8 @@ def attach_memory(
         k=k,
         sigma=sigma,
         temperature=temperature,
+        method=method,
+        knn_weight=knn_weight,
         task=task,
         search=search,
         sparse_residuals=sparse_residuals,

@@ -61,22 +61,30 @@ def compare(y_true, deepnet, resmem):
     """TPR, FPR and gain of ResMem over DeepNet, as the paper defines them.
 
     `TPR = #{DeepNet wrong, ResMem right} / m`, `FPR = #{DeepNet right,
-    ResMem wrong} / m`, `gain = TPR - FPR`.
+    ResMem wrong} / m`, `gain = TPR - FPR`. Pass a dict as `resmem` to compare
+    several methods with DeepNet at once (for example ResMem and the kNN
+    baselines, `ResidualMemory(method=...)`).
 
     Args:
         y_true: `(m,)` class ids (or one-hot rows).
         deepnet: DeepNet's class ids `(m,)` or scores `(m, c)`.
-        resmem: ResMem's class ids `(m,)` or scores `(m, c)`.
+        resmem: ResMem's class ids `(m,)` or scores `(m, c)`; or a dict from
+            a method's name to its class ids or scores.
 
     Returns:
-        A `keras_resmem.Comparison`.
+        A `keras_resmem.Comparison`, or for a dict, a dict from the same
+        names to `keras_resmem.Comparison`s.
 
     Example:
 
     >>> import keras_resmem
     >>> keras_resmem.compare([0, 1, 2, 3], [0, 1, 0, 0], [0, 0, 2, 3])
     Comparison(deepnet=50.00%, resmem=75.00%, tpr=50.00%, fpr=25.00%, gain=+25.00%, m=4)
+    >>> keras_resmem.compare([0, 1, 2, 3], [0, 1, 0, 0], {"knn": [0, 1, 2, 0]})["knn"].gain
+    0.25
     """
+    if isinstance(resmem, dict):
+        return {name: compare(y_true, deepnet, values) for name, values in resmem.items()}
     y_true = _as_classes("y_true", y_true)
     m = len(y_true)
     if m == 0:

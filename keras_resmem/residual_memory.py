@@ -18,6 +18,14 @@ def _check_positive_int(name, value):
     return int(value)
 
 
+def _check_unit_float(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"`{name}` must be a number in [0, 1]. Received: {name}={value!r}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"`{name}` must be a number in [0, 1]. Received: {name}={value!r}")
+    return float(value)
+
+
 def _check_positive_float(name, value):
     if isinstance(value, bool):
         raise ValueError(f"`{name}` must be a positive number. Received: {name}={value!r}")
@@ -46,9 +54,20 @@ class ResidualMemory(keras.layers.Layer):
     - classification: `softmax(logits / T) + sum_i w_i (onehot(y_i) - softmax(logits_i / T))`;
     - regression: `f(x) + sum_i w_i (y_i - f(x_i))`.
 
-    Residuals are computed from the stored outputs when used, so `k`, `sigma`
-    and `temperature` can be changed at any time (they are variables: a change
-    reaches already-compiled models), without running the network again.
+    The same neighbours also give the two baselines ResMem should beat, so
+    that one memory can answer "is it worth it on my model?" and ship
+    whichever method wins on validation (`method`):
+
+    - `"knn"`: a kNN on the labels, `sum_i w_i onehot(y_i)` (regression:
+      `sum_i w_i y_i`); the network's output is not used;
+    - `"interpolation"`: kNN-LM-style (Khandelwal et al., 2020),
+      `(1 - knn_weight) softmax(logits / T) + knn_weight * sum_i w_i onehot(y_i)`
+      (regression: `(1 - knn_weight) f(x) + knn_weight * sum_i w_i y_i`).
+
+    Residuals are computed from the stored outputs when used, so `k`, `sigma`,
+    `temperature`, `method` and `knn_weight` can be changed at any time (they
+    are variables: a change reaches already-compiled models), without running
+    the network again.
 
     Outputs as wide as a vocabulary (language models) are too big to store
     whole for millions of entries. With `sparse_residuals=m` the layer stores
@@ -68,6 +87,11 @@ class ResidualMemory(keras.layers.Layer):
         k: the number of neighbours whose residuals are combined.
         sigma: the distance scale of the weights `exp(-d / sigma)`.
         temperature: `T`, the temperature of the network's softmax (classification).
+        method: how the neighbours are combined with the network:
+            `"resmem"` (the paper), or one of the baselines `"knn"` (kNN on
+            labels) and `"interpolation"` (kNN-LM-style).
+        knn_weight: `"interpolation"` only: `lambda` in `[0, 1]`, the weight
+            of the kNN on labels.
         task: `"classification"` or `"regression"`.
         from_logits: classification only: whether `scores` are logits (`True`)
             or softmax probabilities (`False`).
@@ -127,6 +151,8 @@ class ResidualMemory(keras.layers.Layer):
         sigma=1.0,
         temperature=1.0,
         *,
+        method="resmem",
+        knn_weight=0.5,
         task="classification",
         from_logits=True,
         search="auto",
@@ -198,6 +224,8 @@ class ResidualMemory(keras.layers.Layer):
         self.k = k
         self.sigma = sigma
         self.temperature = temperature
+        self.method = method
+        self.knn_weight = knn_weight
         self.trainable = False
 
     # Hyperparameters: Python values until built, then variables.
@@ -259,6 +287,30 @@ class ResidualMemory(keras.layers.Layer):
                 )
             return
         self._set_hparam("temperature", value)
+
+    @property
+    def method(self):
+        """How the neighbours are combined: `"resmem"`, `"knn"` or `"interpolation"`."""
+        value = self._get_hparam("method")
+        return None if value is None else residuals_lib.METHODS[int(value)]
+
+    @method.setter
+    def method(self, value):
+        if not isinstance(value, str) or value not in residuals_lib.METHODS:
+            raise ValueError(
+                f"`method` must be one of {residuals_lib.METHODS}. Received: method={value!r}"
+            )
+        self._set_hparam("method", residuals_lib.METHODS.index(value))
+
+    @property
+    def knn_weight(self):
+        """`"interpolation"` only: the weight `lambda` of the kNN on labels."""
+        value = self._get_hparam("knn_weight")
+        return None if value is None else float(value)
+
+    @knn_weight.setter
+    def knn_weight(self, value):
+        self._set_hparam("knn_weight", _check_unit_float("knn_weight", value))
 
     @property
     def num_probes(self):
@@ -367,6 +419,16 @@ class ResidualMemory(keras.layers.Layer):
             self._searcher = search_lib.ExactSearch(self.keys, self.chunk_size)
         elif self.search_backend == "ivf":
             self._build_ivf()
+        # Last, after every other variable: a file saved before these two
+        # existed still loads (`load_own_variables`).
+        self._hparam_vars["method"] = self.add_weight(
+            name="method", shape=(), dtype="int32", initializer="zeros", trainable=False
+        )
+        self._hparam_vars["knn_weight"] = self.add_weight(
+            name="knn_weight", shape=(), dtype="float64", initializer="zeros", trainable=False
+        )
+        for name in ("method", "knn_weight"):
+            self._hparam_vars[name].assign(self.__dict__[f"_{name}_value"])
         self.built = True
 
     def _key_array(self):
@@ -607,7 +669,7 @@ class ResidualMemory(keras.layers.Layer):
 
     def _hparam_tensor(self, name):
         value = tf.convert_to_tensor(self._hparam_vars[name])
-        return value if name == "k" else tf.cast(value, tf.float32)
+        return value if name in ("k", "method") else tf.cast(value, tf.float32)
 
     def _search(self, queries):
         ids = self._ensure_searcher().search(queries, self._hparam_tensor("k"))
@@ -644,23 +706,41 @@ class ResidualMemory(keras.layers.Layer):
         flat_scores = tf.reshape(scores, [-1, self.num_outputs])
         queries = tf.reshape(tf.cast(embeddings, tf.float32), [-1, self.key_dim])
         ids, distances = self._search(queries)
-        options = {
-            "sigma": self._hparam_tensor("sigma"),
-            "temperature": self._hparam_tensor("temperature"),
-            "from_logits": self.from_logits,
-        }
-        if self.sparse_residuals is None:
-            neighbors = (tf.gather(self.memory_scores, ids), tf.gather(self.memory_targets, ids))
-            combine = functools.partial(residuals_lib.resmem_prediction, task=self.task)
-        else:
-            neighbors = (tf.gather(self.residual_ids, ids), tf.gather(self.residual_values, ids))
-            combine = residuals_lib.sparse_resmem_prediction
-        prediction, weights = combine(flat_scores, *neighbors, distances, **options)
+        # Only the chosen method's branch runs (and gathers what it needs).
+        prediction, weights = tf.switch_case(
+            self._hparam_tensor("method"),
+            [
+                functools.partial(self._combine, method, flat_scores, ids, distances)
+                for method in residuals_lib.METHODS
+            ],
+        )
         prediction = tf.reshape(prediction, tf.shape(scores))
         if not return_neighbors:
             return prediction
         neighbor_shape = tf.concat([batch_shape, [-1]], axis=0)
         return prediction, tf.reshape(ids, neighbor_shape), tf.reshape(weights, neighbor_shape)
+
+    def _combine(self, method, scores, ids, distances):
+        gather = lambda variable: tf.gather(variable, ids)  # noqa: E731
+        neighbors = {"targets": gather(self.memory_targets)}
+        if method == "resmem":
+            if self.sparse_residuals is None:
+                neighbors["scores"] = gather(self.memory_scores)
+            else:
+                neighbors["residual_ids"] = gather(self.residual_ids)
+                neighbors["residual_values"] = gather(self.residual_values)
+        return residuals_lib.combine(
+            method,
+            scores,
+            neighbors,
+            distances,
+            sigma=self._hparam_tensor("sigma"),
+            temperature=self._hparam_tensor("temperature"),
+            knn_weight=self._hparam_tensor("knn_weight"),
+            task=self.task,
+            from_logits=self.from_logits,
+            sparse=self.sparse_residuals is not None,
+        )
 
     def compute_output_spec(self, inputs, return_neighbors=False):
         _, scores = inputs
@@ -675,6 +755,13 @@ class ResidualMemory(keras.layers.Layer):
         )
 
     def load_own_variables(self, store):
+        if len(store.keys()) == len(self.variables) - 2:
+            # Saved before `method` and `knn_weight` existed (always the last
+            # two variables): those keep the values of the layer's config.
+            n = len(store.keys())
+            store = {str(i): store[str(i)] for i in range(n)}
+            store[str(n)] = self._hparam_vars["method"].numpy()
+            store[str(n + 1)] = self._hparam_vars["knn_weight"].numpy()
         super().load_own_variables(store)
         if self.search_backend == "scann":
             # The index no longer matches the keys; `load_assets` (or the
@@ -701,6 +788,8 @@ class ResidualMemory(keras.layers.Layer):
                 "k": self.k,
                 "sigma": self.sigma,
                 "temperature": self.temperature,
+                "method": self.method,
+                "knn_weight": self.knn_weight,
                 "task": self.task,
                 "from_logits": self.from_logits,
                 "search": self.search,

@@ -7,11 +7,18 @@ outputs when a neighbour is used, so changing `T` never needs another pass of
 the network over the training set. A sparse memory (for outputs as wide as a
 vocabulary) stores each residual's `m` largest-magnitude entries instead, with
 `T` fixed when it is built; the entries not stored count as zero.
+
+The same neighbours also give the two baselines a user should weigh ResMem
+against: a kNN on the labels, `p_kNN = sum_i w_i onehot(y_i)` (regression:
+`sum_i w_i y_i`), and kNN-LM-style interpolation (Khandelwal et al., 2020),
+`(1 - lambda) softmax(logits / T) + lambda p_kNN`.
 """
 
 import tensorflow as tf
 
 TASKS = ("classification", "regression")
+# How a memory's neighbours are combined with the network (see `combine`).
+METHODS = ("resmem", "knn", "interpolation")
 # log(p) for p = 0 (float32 softmax underflow); exp(-87) is float32's smallest normal.
 _MIN_LOG_PROB = -87.0
 
@@ -109,20 +116,66 @@ def sparse_combination(weights, ids, values, num_outputs):
     return tf.scatter_nd(indices, contributions, tf.stack([tf.shape(ids)[0], num_outputs]))
 
 
-def sparse_resmem_prediction(
-    scores, neighbor_ids, neighbor_values, distances, *, sigma, temperature, from_logits
-):
-    """`softmax(logits / T) + sum_i w_i r_i` with sparse residuals, and the weights.
+def knn_prediction(weights, neighbor_targets, num_outputs, *, task):
+    """The neighbours' labels, weighted: `sum_i w_i onehot(y_i)`, or `sum_i w_i y_i`.
 
     Args:
+        weights: `(m, k)` neighbour weights.
+        neighbor_targets: `(m, k)` class ids, or `(m, k, c)` regression targets.
+        num_outputs: `c`.
+    """
+    if task == "regression":
+        return tf.einsum("mk,mkc->mc", weights, neighbor_targets)
+    # A scatter, not a (m, k, c) one-hot: c can be a vocabulary.
+    ones = tf.ones_like(weights, dtype=tf.float16)[:, :, None]
+    return sparse_combination(weights, neighbor_targets[:, :, None], ones, num_outputs)
+
+
+def combine(
+    method,
+    scores,
+    neighbors,
+    distances,
+    *,
+    sigma,
+    temperature,
+    knn_weight,
+    task,
+    from_logits,
+    sparse,
+):
+    """A memory's prediction for one of `METHODS`, and the neighbour weights.
+
+    - `"resmem"`: `base(x) + sum_i w_i r_i` (the paper);
+    - `"knn"`: `sum_i w_i onehot(y_i)` (regression: `sum_i w_i y_i`), the network ignored;
+    - `"interpolation"`: `(1 - knn_weight) base(x) + knn_weight * knn`.
+
+    Args:
+        method: one of `METHODS` (a Python string).
         scores: `(m, c)` the network's outputs on the queries.
-        neighbor_ids, neighbor_values: `(m, k, s)` the neighbours' stored
-            residual entries (see `sparse_residuals`).
-        distances: `(m, k)` L2 distances to the neighbours.
+        neighbors: a dict of the neighbours' stored rows: `"targets"` `(m, k)`
+            (or `(m, k, c)`), and for `"resmem"` either `"scores"` `(m, k, c)`
+            (dense) or `"residual_ids"`, `"residual_values"` `(m, k, s)` (sparse).
+        distances: `(m, k)` L2 distances, nearest first.
+        sparse: whether the residuals are stored sparse.
     """
     weights = neighbor_weights(distances, sigma)
-    base = base_prediction(
-        scores, task="classification", temperature=temperature, from_logits=from_logits
-    )
-    r_knn = sparse_combination(weights, neighbor_ids, neighbor_values, tf.shape(scores)[-1])
-    return base + r_knn, weights
+    options = {"task": task, "temperature": temperature, "from_logits": from_logits}
+    num_outputs = tf.shape(scores)[-1]
+    if method == "resmem":
+        if sparse:
+            r_knn = sparse_combination(
+                weights, neighbors["residual_ids"], neighbors["residual_values"], num_outputs
+            )
+        else:
+            r = residuals(neighbors["scores"], neighbors["targets"], **options)
+            r_knn = tf.einsum("mk,mkc->mc", weights, r)
+        return base_prediction(scores, **options) + r_knn, weights
+    knn = knn_prediction(weights, neighbors["targets"], tf.shape(scores)[-1], task=task)
+    if method == "knn":
+        return knn, weights
+    if method == "interpolation":
+        base = base_prediction(scores, task=task, temperature=temperature, from_logits=from_logits)
+        knn_weight = tf.cast(knn_weight, base.dtype)
+        return (1.0 - knn_weight) * base + knn_weight * knn, weights
+    raise ValueError(f"`method` must be one of {METHODS}. Received: method={method!r}")

@@ -60,3 +60,30 @@ def resmem_with_residuals(keys, residuals, queries, query_logits, k, sigma, temp
     w = weights(d, sigma)
     r_knn = (w[:, :, None] * residuals[ids]).sum(axis=1)
     return softmax(np.float64(query_logits) / temperature) + r_knn
+
+
+def knn_labels(keys, train_labels, queries, k, sigma, num_classes):
+    """kNN on labels: sum_i w_i onehot(y_i) over the k nearest."""
+    ids, d = knn(keys, queries, k)
+    w = weights(d, sigma)
+    return (w[:, :, None] * np.eye(num_classes)[train_labels][ids]).sum(axis=1)
+
+
+def knn_targets(keys, train_targets, queries, k, sigma):
+    """Regression kNN: sum_i w_i y_i over the k nearest."""
+    ids, d = knn(keys, queries, k)
+    w = weights(d, sigma)
+    return (w[:, :, None] * np.float64(train_targets)[ids]).sum(axis=1)
+
+
+def interpolation_classification(
+    keys, train_labels, queries, query_logits, k, sigma, temperature, lam
+):
+    """kNN-LM (Khandelwal et al.): (1 - lam) softmax(logits / T) + lam p_kNN."""
+    p_knn = knn_labels(keys, train_labels, queries, k, sigma, query_logits.shape[1])
+    return (1 - lam) * softmax(np.float64(query_logits) / temperature) + lam * p_knn
+
+
+def interpolation_regression(keys, train_targets, queries, query_predictions, k, sigma, lam):
+    p_knn = knn_targets(keys, train_targets, queries, k, sigma)
+    return (1 - lam) * np.float64(query_predictions) + lam * p_knn

@@ -15,48 +15,80 @@ import linear_regression_theory as theory  # noqa: E402
 def test_fashion_mnist_main_job_small_run(tmp_path):
     results = fashion_mnist.main(
         [
-            "--epochs",
-            "1",
-            "--train-size",
-            "3000",
-            "--val-size",
-            "1000",
-            "--output-dir",
-            str(tmp_path),
+            "--max-epochs", "1", "--train-size", "3000", "--val-size", "1000",
+            "--train-eval-size", "500", "--layers", "pre_logits,pool2", "--ks", "5,10",
+            "--output-dir", str(tmp_path),
         ]
-    )
+    )  # fmt: skip
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["test"] == results["test"]
-    assert saved["memory_entries"] == 3000
-    assert "| ResMem |" in (tmp_path / "results.md").read_text()
-    test = saved["test"]
-    assert test["gain"] == pytest.approx(test["resmem_accuracy"] - test["deepnet_accuracy"])
+    assert saved["runs"][0]["test"] == results["runs"][0]["test"]
+    run = saved["runs"][0]
+    assert run["memory_entries"] == 3000 and run["training"]["epochs_run"] == 1
+    assert run["training"]["capped"]  # one epoch: the cap stopped it, and it says so
+    text = (tmp_path / "results.md").read_text()
+    for label in ("| DeepNet |", "| ResMem |", "| kNN on labels |", "| interpolation |"):
+        assert label in text
+    for method in ("resmem", "knn", "interpolation"):
+        test = run["test"][method]
+        assert test["gain"] == pytest.approx(test["accuracy"] - run["test"]["deepnet_accuracy"])
+        assert test["gain"] == pytest.approx(test["tpr"] - test["fpr"])
+        chosen = run["chosen"][method]
+        layer_val = run["per_layer_validation"][chosen["layer"]][method]["val"]
+        assert (
+            chosen["val_accuracy"]
+            == layer_val
+            == max(v[method]["val"] for v in run["per_layer_validation"].values())
+        )
     model = keras.models.load_model(tmp_path / "resmem.keras")
-    assert model.get_layer("residual_memory").k == saved["chosen"]["k"]
-    assert saved["export"]["mode"] == "portable"
-    assert saved["export"]["class_agreement_256_test_images"] == 1.0
+    memory = model.get_layer("residual_memory")
+    assert memory.method == "resmem" and memory.k == run["chosen"]["resmem"]["settings"]["k"]
+    assert run["export"]["mode"] == "portable"
+    assert run["export"]["class_agreement_256_test_images"] == 1.0
     assert (tmp_path / "saved_model" / "1" / "saved_model.pb").exists()
+
+
+def test_fashion_mnist_several_seeds_give_mean_and_spread(tmp_path):
+    args = "--max-epochs 1 --train-size 1000 --val-size 500 --train-eval-size 200 "
+    args += f"--layers pre_logits --ks 5 --seeds 0,1 --output-dir {tmp_path}"
+    results = fashion_mnist.main(args.split())
+    assert [r["seed"] for r in results["runs"]] == [0, 1]
+    assert (tmp_path / "seed0" / "resmem.keras").exists()
+    accuracies = [r["test"]["resmem"]["accuracy"] * 100 for r in results["runs"]]
+    mean, std = np.mean(accuracies), np.std(accuracies, ddof=1)
+    assert f"| ResMem | {mean:.2f} ± {std:.2f}% |" in (tmp_path / "results.md").read_text()
 
 
 @pytest.mark.large
 def test_fashion_mnist_main_job_full_run(tmp_path):
-    """The foundation issue's bar: >= 3 points over DeepNet with a <= 20k-parameter CNN."""
+    """The main job converges before its cap, and its memory helps the converged network."""
     results = fashion_mnist.main(["--output-dir", str(tmp_path)])
-    assert results["deepnet_parameters"] <= 20_000
-    assert results["test"]["gain"] >= 0.03
-    assert results["train"]["resmem_accuracy"] >= 0.99
-    assert np.isfinite(results["test"]["knn_labels_accuracy"])
+    run = results["runs"][0]
+    assert run["deepnet_parameters"] <= 20_000
+    assert not run["training"]["capped"]
+    assert run["test"]["resmem"]["gain"] > 0
+    assert run["train"]["resmem"]["accuracy"] > run["train"]["deepnet_accuracy"]
 
 
-def test_language_model_tiny_run_end_to_end(tmp_path):
-    """A tiny Transformer on 12 real speeches: train, sparse memory, tune on val, test."""
+def test_language_model_tiny_run_end_to_end(tmp_path, capsys):
+    """A tiny Transformer on 12 real speeches: train to convergence, sparse memory,
+    ResMem and the two baselines tuned on val, test."""
     results = language_model.main(
         "--max-speeches 12 --test-speeches 2 --val-speeches 2 --vocab-size 400 --dim 16 "
-        "--heads 2 --blocks 1 --length 32 --stride 24 --epochs 1 --sparse-residuals 16 "
-        f"--val-positions 1000 --temperatures 1.0,2.0 --output-dir {tmp_path}".split()
+        "--heads 2 --blocks 1 --length 32 --stride 24 --max-epochs 2 --patience 1 "
+        "--sparse-residuals 16 --val-positions 1000 --temperatures 1.0,2.0 "
+        f"--output-dir {tmp_path}".split()
     )
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["test"] == results["test"]
+    assert saved["command"].startswith("python examples/language_model.py --max-speeches 12")
+    training = saved["training"]
+    assert 1 <= training["best_epoch"] <= training["epochs_run"] <= 2
+    assert training["capped"] == (training["epochs_run"] == 2 and training["best_epoch"] == 2)
+    assert ("WARNING: training hit the 2-epoch cap" in capsys.readouterr().out) == (
+        training["capped"]
+    )
+    assert saved["deepnet"]["max_epochs"] == 2 and saved["deepnet"]["patience"] == 1
+    assert list(tmp_path.glob("deepnet_*_me2_p1_*.keras"))
     memory = saved["memory"]
     # Every training position (a token with a next token) is one memory entry.
     assert memory["entries"] == saved["corpus"]["train_tokens"] - 1
@@ -64,18 +96,36 @@ def test_language_model_tiny_run_end_to_end(tmp_path):
     assert memory["bytes_per_entry"] <= memory["bytes_per_entry_bound"]
     test = saved["test"]
     assert test["positions"] == saved["corpus"]["test_tokens"] - 1
-    assert test["gain"] == pytest.approx(test["tpr"] - test["fpr"])
-    chosen = saved["validation"]["chosen"]
-    assert chosen["k"] in (10, 25, 50, 100, 200, 400)
-    per_temperature = saved["validation"]["per_temperature"]
-    assert set(per_temperature) == {"1.0", "2.0"}
-    assert saved["validation"]["resmem_accuracy"] == max(
-        v["resmem_accuracy"] for v in per_temperature.values()
+    for method in ("resmem", "knn", "interpolation"):
+        t = test[method]
+        assert t["gain"] == pytest.approx(t["accuracy"] - test["deepnet_accuracy"])
+        assert t["gain"] == pytest.approx(t["tpr"] - t["fpr"])
+    assert test["resmem_minus_interpolation"] == pytest.approx(
+        test["resmem"]["accuracy"] - test["interpolation"]["accuracy"]
     )
-    assert per_temperature[str(chosen["temperature"])]["chosen"]["k"] == chosen["k"]
+    chosen = saved["chosen"]
+    assert set(chosen) == {"resmem", "knn", "interpolation"}
+    assert chosen["resmem"]["settings"]["k"] in (10, 25, 50, 100, 200, 400)
+    assert chosen["resmem"]["settings"]["temperature"] == memory["temperature"]
+    assert set(chosen["knn"]["settings"]) == {"k", "sigma"}
+    assert chosen["interpolation"]["settings"]["temperature"] in (1.0, 2.0)
+    assert 0 < chosen["interpolation"]["settings"]["knn_weight"] < 1
+    validation = saved["validation"]
+    per_temperature = validation["per_temperature"]
+    assert set(per_temperature) == {"1.0", "2.0"}
+    assert chosen["resmem"]["val_accuracy"] == max(
+        v["resmem"]["val_accuracy"] for v in per_temperature.values()
+    )
+    for method in ("knn", "interpolation"):
+        grid = validation["baselines"][f"{method}_grid"]
+        assert chosen[method]["val_accuracy"] == max(grid.values())
     for row in saved["near_misses"]:
         assert row["deepnet"] != row["resmem"]
-    assert "| context | DeepNet | ResMem |" in (tmp_path / "results.md").read_text()
+    text = (tmp_path / "results.md").read_text()
+    assert "| context | DeepNet | ResMem |" in text
+    for label in ("| DeepNet |", "| ResMem |", "| kNN on labels |", "| kNN-LM interpolation |"):
+        assert label in text
+    assert "ResMem minus kNN-LM interpolation" in text
 
 
 def test_sliding_windows_score_every_position_once():
@@ -149,9 +199,11 @@ def test_cifar100_recipe_runs_end_to_end_on_cifar_format_files(rng, tmp_path):
     results = cifar100_resnet.main(
         ["--epochs", "1", "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path)]
     )
-    assert results["k"] == 53 and results["sigma"] == 0.7 and results["temperature"] == 1.4
-    assert 0 <= results["test"]["resmem"] <= 1
-    assert "| paper (256 epochs) | 56.46% |" in (tmp_path / "results.md").read_text()
+    assert results["epochs_run"] == 1 and results["val_size"] == 51  # 256 // 5
+    assert set(results["chosen"]) == {"resmem", "knn", "interpolation"}
+    test = results["test"]
+    assert test["resmem"]["gain"] == pytest.approx(test["resmem"]["accuracy"] - test["deepnet"])
+    assert "| DeepNet (paper, 256 epochs) | 56.46% |" in (tmp_path / "results.md").read_text()
     assert cifar100_resnet.cifar_resnet(8).count_params() < 100_000
 
 
@@ -182,23 +234,31 @@ def test_trends_example_small_run(tmp_path):
 
     results = trends.main(
         [
-            "--epochs", "1", "--train-size", "2000", "--val-size", "500", "--test-size", "500",
-            "--train-eval-size", "300", "--fractions", "0.5,1.0", "--widths", "4,16",
-            "--noise", "0,1.0", "--seeds", "0,1", "--output-dir", str(tmp_path),
+            "--max-epochs", "1", "--noise-max-epochs", "2", "--train-size", "2000",
+            "--val-size", "500", "--test-size", "500", "--train-eval-size", "300",
+            "--noise-train-size", "300", "--noise-val-size", "100", "--fractions", "0.5,1.0",
+            "--widths", "4,16", "--noise", "0,1.0", "--seeds", "0,1", "--output-dir", str(tmp_path),
         ]
     )  # fmt: skip
     assert [r["fraction"] for r in results["data"]] == [0.5, 1.0]
     for row in results["data"]:  # mean and spread over the two seeds
         runs = [r["test_resmem"] for r in row["runs"]]
         assert len(runs) == 2 and row["test_resmem"] == pytest.approx(np.mean(runs))
-        assert row["test_resmem_std"] == pytest.approx(np.std(runs))
+        assert row["test_resmem_std"] == pytest.approx(np.std(runs, ddof=1))
+    # The cap is one epoch of the full data in optimizer steps: two epochs of half of it.
+    assert [r["epochs_run"] for r in results["data"]] == [2, 1]
     assert results["data"][0]["train_size"] == 1000
     assert [r["width"] for r in results["width"]] == [4, 16]
     assert results["width"][0]["parameters"] < results["width"][1]["parameters"]
-    assert results["noise"][0]["test_resmem"] == results["data"][1]["test_resmem"]  # reused
+    assert [r["train_size"] for r in results["noise"]] == [300, 300]
+    assert results["noise"][1]["epochs_run"] == 2  # fitting random labels: its own cap
     for rows in results.values():
         for r in rows:
             assert r["gain"] == pytest.approx(r["tpr"] - r["fpr"])
+            for run in r["runs"]:
+                assert run["resmem_minus_best_baseline"] == pytest.approx(
+                    run["test_resmem"] - max(run["test_knn"], run["test_interpolation"])
+                )
     for name in ("data_size.png", "width.png", "random_labels.png", "near_misses.png"):
         assert (tmp_path / name).stat().st_size > 1000
     assert "Random labels" in (tmp_path / "results.md").read_text()
