@@ -24,7 +24,7 @@ The full-data, width-16 run also writes a figure of test images that ResMem
 fixed and broke, with their nearest training images (the paper's Figure 2).
 Writes tables and PNG figures to `results/fashion_mnist_trends/`.
 
-    python examples/fashion_mnist_trends.py                # 3 seeds, about an hour on 2 CPU cores
+    python examples/fashion_mnist_trends.py                # 3 seeds, over 2 hours on 2 CPU cores
     python examples/fashion_mnist_trends.py --seeds 0 --sweeps data  # one seed, one sweep
 """
 
