@@ -10,7 +10,7 @@ Writes `results.json`, `results.md`, the saved `resmem.keras` and a SavedModel
 for TensorFlow Serving (`saved_model/1`, stock TensorFlow ops) to --output-dir
 (one sub-folder per seed when there are several).
 
-    python examples/fashion_mnist.py                  # one seed: 60-85 epochs of about 4 s, then the memory
+    python examples/fashion_mnist.py                  # one seed: 60-85 epochs, then the memory
     python examples/fashion_mnist.py --seeds 0,1,2    # the README's table
 
 The memory's key layer is itself a hyperparameter, chosen on validation among
