@@ -19,9 +19,8 @@ def _check_positive_int(name, value):
 
 
 def _check_unit_float(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"`{name}` must be a number in [0, 1]. Received: {name}={value!r}")
-    if not 0.0 <= float(value) <= 1.0:
+    is_number = isinstance(value, (int, float, np.integer, np.floating))
+    if isinstance(value, bool) or not is_number or not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"`{name}` must be a number in [0, 1]. Received: {name}={value!r}")
     return float(value)
 
