@@ -30,7 +30,6 @@ import tensorflow as tf
 
 import keras_resmem
 from keras_resmem import _io
-from keras_resmem import search as search_lib
 from keras_resmem.datasets import load_fashion_mnist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +65,7 @@ def load_splits(val_size, seed):
 def export_and_check(resmem, path, x):
     """Exports a SavedModel for TensorFlow Serving and checks it against the Keras model."""
     memory = resmem.get_layer("residual_memory")
-    mode = "portable" if memory.search_backend in search_lib.PORTABLE_BACKENDS else "scann"
+    mode = "portable" if memory.search.portable else "scann"
     keras_resmem.export_saved_model(resmem, path, mode=mode, overwrite=True)
     serve = tf.saved_model.load(path).signatures["serving_default"]
     batch = x[:256]

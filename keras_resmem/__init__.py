@@ -16,7 +16,7 @@ if keras.backend.backend() != "tensorflow":
         "KERAS_BACKEND=tensorflow before importing keras."
     )
 
-from keras_resmem import datasets, diagnostics, tuning  # noqa: E402
+from keras_resmem import datasets, diagnostics, search, tuning  # noqa: E402
 from keras_resmem.attach import attach_memory  # noqa: E402
 from keras_resmem.diagnostics import Comparison, compare  # noqa: E402
 from keras_resmem.export import export_saved_model  # noqa: E402
@@ -32,5 +32,6 @@ __all__ = [
     "datasets",
     "diagnostics",
     "export_saved_model",
+    "search",
     "tuning",
 ]

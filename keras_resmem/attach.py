@@ -6,9 +6,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_resmem import _validation
 from keras_resmem import residuals as residuals_lib
 from keras_resmem.api_export import keras_resmem_export
-from keras_resmem.residual_memory import ResidualMemory, _MemoryWriter
+from keras_resmem.residual_memory import ResidualMemory
 
 
 def _check_model(model):
@@ -107,7 +108,7 @@ def _num_entries(data, positions):
 
 
 def _class_ids(y, num_classes, start):
-    """Integer class ids from int labels or one-hot rows; clear errors otherwise."""
+    """Integer class ids from int labels or one-hot rows (the writer checks their range)."""
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
@@ -127,18 +128,9 @@ def _class_ids(y, num_classes, start):
         raise ValueError(
             f"Labels must be class ids (n,) or one-hot (n, c). Received shape {y.shape}"
         )
-    if not (
-        np.issubdtype(y.dtype, np.integer)
-        or (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)))
-    ):
-        raise ValueError(f"Class ids must be integers. Received dtype {y.dtype}")
-    if len(y) and (y.min() < 0 or y.max() >= num_classes):
-        bad = int(np.argmax((y < 0) | (y >= num_classes)))
-        raise ValueError(
-            f"Class ids must lie in [0, {num_classes}) for a model with {num_classes} outputs. "
-            f"Received: label {y[bad]} at example {start + bad}"
-        )
-    return y.astype(np.int32)
+    if np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)):
+        return y.astype(np.int64)
+    return y
 
 
 def _batch_entries(step, emb, out, y, sample_weight, task):
@@ -178,18 +170,6 @@ def _batch_entries(step, emb, out, y, sample_weight, task):
         )
     kept = weight.reshape(n) != 0
     return keys[kept], out[kept], y[kept], int(kept.sum())
-
-
-def _check_finite(name, values, layer_name, start):
-    if len(values) == 0:
-        return
-    bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
-    if bad.any():
-        raise ValueError(
-            f"The {name} contain NaN or infinite values, at training example "
-            f"{start + int(np.argmax(bad))} (layer {layer_name!r}). A memory cannot be built "
-            "from them; check the model's weights and the input data."
-        )
 
 
 @keras_resmem_export("keras_resmem.attach_memory")
@@ -252,7 +232,9 @@ def attach_memory(
             `ResidualMemory`. Can be changed later on the memory layer.
         knn_weight: `"interpolation"` only: the weight of the kNN on labels.
         task: `"classification"` or `"regression"`.
-        search: `"auto"`, `"exact"`, `"ivf"` or `"scann"`; see `ResidualMemory`.
+        search: the search backend: a `keras_resmem.search` backend such as
+            `keras_resmem.search.IVF(num_probes=8)`, or `"auto"`, `"exact"`,
+            `"ivf"` or `"scann"`; see `ResidualMemory`.
             For a SavedModel that stock TensorFlow Serving can load, use
             `"exact"` or `"ivf"` (see `keras_resmem.export_saved_model`).
         sparse_residuals: `None` to store the outputs whole, or `m` to store
@@ -261,8 +243,8 @@ def attach_memory(
         batch_size: batch size for arrays and unbatched datasets.
         from_logits: whether the model outputs logits. `None` detects it: a
             model whose last layer applies a softmax outputs probabilities.
-        scann_options: ScaNN settings; see `ResidualMemory`.
-        ivf_options: IVF settings; see `ResidualMemory`.
+        scann_options, ivf_options: the options of version 0.1, beside a
+            `search` name; see `ResidualMemory`.
         verbose: 1 shows a progress bar, 0 is silent.
         name: the new model's name; default `"<model name>_resmem"`.
 
@@ -291,27 +273,10 @@ def attach_memory(
     1.0
     """
     _check_model(model)
-    if task not in residuals_lib.TASKS:
-        raise ValueError(f"`task` must be one of {residuals_lib.TASKS}. Received: task={task!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(
-            f"`batch_size` must be a positive integer. Received: batch_size={batch_size!r}"
-        )
-    # Validate the hyperparameters before the (long) pass over the data.
-    memory = ResidualMemory(
-        k=k,
-        sigma=sigma,
-        temperature=temperature,
-        method=method,
-        knn_weight=knn_weight,
-        task=task,
-        search=search,
-        sparse_residuals=sparse_residuals,
-        from_logits=True,
-        scann_options=scann_options,
-        ivf_options=ivf_options,
-        name="residual_memory",
-    )
+    _validation.one_of("task", task, residuals_lib.TASKS)
+    batch_size = _validation.positive_int("batch_size", batch_size)
+    if from_logits is not None:
+        from_logits = _validation.boolean("from_logits", from_logits)
     embedding = _embedding_tensor(model, layer_name)
     output = model.outputs[0]
     num_outputs = output.shape[-1]
@@ -323,15 +288,28 @@ def attach_memory(
                 "Classification needs one output per class (at least 2); the model's output "
                 f"has shape {output.shape}. For a single score use task='regression'."
             )
-    memory.from_logits = bool(from_logits) if from_logits is not None else True
-
+    # Validate the hyperparameters before the (long) pass over the data.
+    memory = ResidualMemory(
+        k=k,
+        sigma=sigma,
+        temperature=temperature,
+        method=method,
+        knn_weight=knn_weight,
+        task=task,
+        search=search,
+        sparse_residuals=sparse_residuals,
+        from_logits=True if from_logits is None else from_logits,
+        scann_options=scann_options,
+        ivf_options=ivf_options,
+        name="residual_memory",
+    )
     features = keras.Model(model.inputs, [embedding, output])
     predict = tf.function(
         lambda x: features(x, training=False), reduce_retracing=True, autograph=False
     )
     dataset = _as_dataset(data, batch_size, len(model.inputs[0].shape))
     positions = None if None in output.shape[1:-1] else math.prod(output.shape[1:-1])
-    writer = _MemoryWriter(memory, capacity=_num_entries(data, positions))
+    writer = memory._writer(capacity=_num_entries(data, positions))
     cardinality = int(dataset.cardinality())
     progbar = keras.utils.Progbar(
         cardinality if cardinality > 0 else None, verbose=verbose, unit_name="batch"
@@ -341,8 +319,6 @@ def attach_memory(
         x, y = batch[0], batch[1]
         emb, out = (t.numpy() for t in predict(x))
         keys, out, y, kept = _batch_entries(step, emb, out, np.asarray(y), batch[2:], task)
-        _check_finite("embeddings", keys, layer_name, seen)
-        _check_finite("model outputs", out, layer_name, seen)
         if task == "classification":
             y = _class_ids(y, num_outputs, seen)
         writer.write(keys, out, y)
@@ -353,6 +329,6 @@ def attach_memory(
             "`data` is empty (or every sample weight is 0): a memory needs at least one "
             "training example."
         )
-    writer.close(verbose=verbose)
+    memory._fill(writer.finish(), verbose=verbose)
     prediction = memory([embedding, output])
     return keras.Model(model.inputs, prediction, name=name or f"{model.name}_resmem")

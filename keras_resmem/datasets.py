@@ -58,11 +58,15 @@ def load_fashion_mnist(data_dir=None):
             (_read_idx(images, 16, (28, 28)), _read_idx(labels, 8, ()))
             for images, labels in (paths["train"], paths["test"])
         )
-    try:
-        import keras
+    import keras
 
+    try:
         return keras.datasets.fashion_mnist.load_data()
     except Exception as e:
+        # Only a failed download becomes "not found"; any other error is a
+        # real one and propagates as it is.
+        if not (isinstance(e, OSError) or "URL fetch failure" in str(e)):
+            raise
         raise FileNotFoundError(
             f"Fashion-MNIST was not found in {data_dir} and could not be downloaded ({e}). "
             "Install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or "

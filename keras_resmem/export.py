@@ -1,13 +1,11 @@
 """`export_saved_model`: a ResMem model as a SavedModel for TensorFlow Serving."""
 
-import contextlib
 import os
 
 import keras
 import tensorflow as tf
 
 from keras_resmem import _io
-from keras_resmem import search as search_lib
 from keras_resmem.api_export import keras_resmem_export
 from keras_resmem.residual_memory import ResidualMemory
 
@@ -39,30 +37,19 @@ def find_memory(model):
 def _check_mode(mode, memory):
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}. Received: mode={mode!r}")
-    backend = memory.search_backend
-    if mode == "portable" and backend not in search_lib.PORTABLE_BACKENDS:
+    backend = memory.search
+    if mode == "portable" and not backend.portable:
         raise ValueError(
             f"mode='portable' exports only stock TensorFlow ops, but this memory searches "
-            f"with {backend!r}, whose custom ops stock TensorFlow Serving cannot load. "
+            f"with {backend.name!r}, whose custom ops stock TensorFlow Serving cannot load. "
             "Rebuild the memory with search='ivf' (approximate, stock ops) or "
             "search='exact', or export with mode='scann' for a ScaNN-enabled server."
         )
-    if mode == "scann" and backend != "scann":
+    if mode == "scann" and "Scann" not in backend.custom_op_namespaces:
         raise ValueError(
             f"mode='scann' exports a ScaNN searcher, but this memory searches with "
-            f"{backend!r}. Use mode='portable', or rebuild the memory with search='scann'."
+            f"{backend.name!r}. Use mode='portable', or rebuild the memory with search='scann'."
         )
-
-
-@contextlib.contextmanager
-def _searcher(memory, searcher):
-    """Temporarily swaps the memory's searcher, if given (the export traces with it)."""
-    previous = memory._searcher
-    memory._searcher = searcher or previous
-    try:
-        yield
-    finally:
-        memory._searcher = previous
 
 
 def _input_names(model):
@@ -150,9 +137,15 @@ def export_saved_model(
     ]
     classification = memory.task == "classification"
 
+    # The memory's own searcher, or one a SavedModel can hold (ScaNN's index
+    # as variables); the model itself is not changed, and can keep serving.
+    searcher, trackables = memory.search.for_export()
+
     def serve(*inputs):
         embedding, scores = features(inputs[0] if len(inputs) == 1 else list(inputs))
-        prediction, ids, weights = memory([embedding, scores], return_neighbors=True)
+        prediction, ids, weights = memory._predict(
+            [embedding, scores], searcher, return_neighbors=True
+        )
         out = {"resmem_scores": prediction, "deepnet_scores": tf.identity(scores)}
         if classification:
             out["class_ids"] = tf.argmax(prediction, axis=-1)
@@ -160,17 +153,14 @@ def export_saved_model(
             out.update(neighbor_ids=ids, neighbor_weights=weights)
         return out
 
-    saved_searcher = None
-    if mode == "scann":
-        saved_searcher = search_lib.SavedScannSearch(memory._ensure_searcher(), memory.keys)
     archive = keras.export.ExportArchive()
     archive.track(features)
     archive.track(memory)
-    if saved_searcher is not None:
-        archive.track(saved_searcher)
-    options = tf.saved_model.SaveOptions(namespace_whitelist=["Scann"] if mode == "scann" else None)
-    with _searcher(memory, saved_searcher):
-        archive.add_endpoint("serving_default", serve, input_signature=specs)
-        with _io.atomic_directory(path, overwrite=overwrite) as tmp:
-            archive.write_out(tmp, options=options, verbose=verbose)
+    for trackable in trackables:
+        archive.track(trackable)
+    namespaces = list(memory.search.custom_op_namespaces) if mode != "portable" else None
+    options = tf.saved_model.SaveOptions(namespace_whitelist=namespaces)
+    archive.add_endpoint("serving_default", serve, input_signature=specs)
+    with _io.atomic_directory(path, overwrite=overwrite) as tmp:
+        archive.write_out(tmp, options=options, verbose=verbose)
     return path

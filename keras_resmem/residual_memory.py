@@ -7,36 +7,25 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_resmem import _validation
+from keras_resmem import memory_writer as writer_lib
 from keras_resmem import residuals as residuals_lib
 from keras_resmem import search as search_lib
 from keras_resmem.api_export import keras_resmem_export
 
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
-    return int(value)
-
-
-def _check_unit_float(name, value):
-    is_number = isinstance(value, (int, float, np.integer, np.floating))
-    if isinstance(value, bool) or not is_number or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"`{name}` must be a number in [0, 1]. Received: {name}={value!r}")
-    return float(value)
-
-
-def _check_positive_float(name, value):
-    if isinstance(value, bool):
-        raise ValueError(f"`{name}` must be a positive number. Received: {name}={value!r}")
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"`{name}` must be a positive number. Received: {name}={value!r}"
-        ) from None
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"`{name}` must be a positive, finite number. Received: {name}={value}")
-    return value
+# Hyperparameters, held as scalar variables once the layer is built, so that
+# a change reaches already-compiled models.
+_HPARAM_DTYPES = {
+    "k": "int32",
+    # float64, so that get_config() gives back exactly the value set.
+    "sigma": "float64",
+    "temperature": "float64",
+    "method": "int32",
+    "knn_weight": "float64",
+}
+# Variables a file may lack because they were added after it was saved: they
+# keep the values of the layer's config.
+_ADDED_LATER = ("method", "knn_weight")
 
 
 @keras_resmem_export("keras_resmem.ResidualMemory")
@@ -79,8 +68,12 @@ class ResidualMemory(keras.layers.Layer):
     `(batch, time, vocab)`. Every position is a query, searched in the same
     memory.
 
+    The layer computes in float32 under any global dtype policy (a
+    `mixed_float16` network's outputs are cast), like Keras's own
+    precision-sensitive layers.
+
     Most users get this layer from `keras_resmem.attach_memory`, which runs the
-    network over the training data and calls `memorize`.
+    network over the training data and fills the memory.
 
     Args:
         k: the number of neighbours whose residuals are combined.
@@ -94,26 +87,21 @@ class ResidualMemory(keras.layers.Layer):
         task: `"classification"` or `"regression"`.
         from_logits: classification only: whether `scores` are logits (`True`)
             or softmax probabilities (`False`).
-        search: the neighbour search backend: `"exact"` (stock TensorFlow
-            ops), `"ivf"` (approximate, an inverted-file index in stock
-            TensorFlow ops: runs on stock TensorFlow Serving), `"scann"`
-            (approximate, ScaNN's custom ops), or `"auto"` (exact below 200,000
-            entries, else IVF).
+        search: the neighbour search backend: a `keras_resmem.search`
+            backend such as `keras_resmem.search.IVF(num_probes=8)`, or a
+            name with default options: `"exact"` (stock TensorFlow ops),
+            `"ivf"` (approximate, stock TensorFlow ops: runs on stock
+            TensorFlow Serving), `"scann"` (approximate, ScaNN's custom ops),
+            or `"auto"` (exact below 200,000 entries, else IVF).
         sparse_residuals: `None` (store the network's outputs, dense), or
             `m`, the number of largest-magnitude residual entries stored per
             memory entry (classification only).
         memory_size, key_dim, num_outputs: the memory's shape. Set by
             `memorize`; given only when re-creating a layer from its config.
-        chunk_size: exact search scores this many memory entries at once,
-            which bounds its memory use.
-        scann_options: overrides of the ScaNN settings (`brute_force`,
-            `num_leaves`, `num_leaves_to_search`, `training_sample_size`,
-            `min_partition_size`, `scoring`: `"exact"` or `"ah"`, and for `"ah"`
-            `dimensions_per_block` and `reorder`); see
-            `keras_resmem.search.default_scann_options`.
-        ivf_options: overrides of the IVF settings (`num_partitions`,
-            `num_probes`, `training_sample_size`, `iterations`, `seed`); see
-            `keras_resmem.search.default_ivf_options`.
+        chunk_size, scann_options, ivf_options: the options of version 0.1,
+            still accepted beside a `search` name: exact search's chunk
+            size, and dicts of `keras_resmem.search.ScaNN` or
+            `keras_resmem.search.IVF` arguments.
         **kwargs: base layer keyword arguments, such as `name`.
 
     Call arguments:
@@ -159,33 +147,26 @@ class ResidualMemory(keras.layers.Layer):
         memory_size=None,
         key_dim=None,
         num_outputs=None,
-        chunk_size=65536,
+        chunk_size=None,
         scann_options=None,
         ivf_options=None,
         **kwargs,
     ):
+        kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        if task not in residuals_lib.TASKS:
+        if self.dtype_policy.compute_dtype != "float32":
             raise ValueError(
-                f"`task` must be one of {residuals_lib.TASKS}. Received: task={task!r}"
+                "ResidualMemory computes in float32 (its distances and residuals need the "
+                "precision); leave its `dtype` unset. Received: "
+                f"dtype={self.dtype_policy.name!r}"
             )
-        if not isinstance(from_logits, bool):
-            raise ValueError(
-                f"`from_logits` must be True or False. Received: from_logits={from_logits!r}"
-            )
-        if search not in search_lib.BACKENDS:
-            raise ValueError(
-                f"`search` must be one of {search_lib.BACKENDS}. Received: search={search!r}"
-            )
-        for name, value in (
-            ("memory_size", memory_size),
-            ("key_dim", key_dim),
-            ("num_outputs", num_outputs),
-        ):
-            if value is not None:
-                _check_positive_int(name, value)
+        self.task = _validation.one_of("task", task, residuals_lib.TASKS)
+        self.from_logits = _validation.boolean("from_logits", from_logits)
+        shape = {"memory_size": memory_size, "key_dim": key_dim, "num_outputs": num_outputs}
+        for name, value in shape.items():
+            setattr(self, name, None if value is None else _validation.positive_int(name, value))
         if sparse_residuals is not None:
-            sparse_residuals = _check_positive_int("sparse_residuals", sparse_residuals)
+            sparse_residuals = _validation.positive_int("sparse_residuals", sparse_residuals)
             if task != "classification":
                 raise ValueError(
                     "`sparse_residuals` applies to classification only; regression residuals "
@@ -197,29 +178,17 @@ class ResidualMemory(keras.layers.Layer):
                     f"`sparse_residuals` must be at most num_outputs={num_outputs}. "
                     f"Received: sparse_residuals={sparse_residuals}"
                 )
-        if scann_options is not None and not isinstance(scann_options, dict):
-            raise ValueError(
-                f"`scann_options` must be a dict. Received: scann_options={scann_options!r}"
-            )
-        self.task = task
-        self.from_logits = from_logits
-        self.search = search
         self.sparse_residuals = sparse_residuals
-        self.memory_size = None if memory_size is None else int(memory_size)
-        self.key_dim = None if key_dim is None else int(key_dim)
-        self.num_outputs = None if num_outputs is None else int(num_outputs)
-        self.chunk_size = _check_positive_int("chunk_size", chunk_size)
         # Unknown names and bad values fail now, not after a pass over the data.
-        search_lib.resolve_scann_options(1_000_000, 2, scann_options)
-        self.scann_options = dict(scann_options) if scann_options else None
-        if ivf_options is not None and not isinstance(ivf_options, dict):
-            raise ValueError(f"`ivf_options` must be a dict. Received: ivf_options={ivf_options!r}")
-        # Unknown names and bad values fail now, not after a pass over the data.
-        search_lib.resolve_ivf_options(1, ivf_options)
-        self.ivf_options = dict(ivf_options) if ivf_options else None
+        self._search = search_lib.get(
+            search, scann_options=scann_options, ivf_options=ivf_options, chunk_size=chunk_size
+        )
+        self._backend = None
         self._hparam_vars = None
-        self._searcher = None
+        self._entry_vars = None
         self._filling = False
+        self._fill_failed = False
+        self._share_state_of = None
         self.k = k
         self.sigma = sigma
         self.temperature = temperature
@@ -227,55 +196,49 @@ class ResidualMemory(keras.layers.Layer):
         self.knn_weight = knn_weight
         self.trainable = False
 
-    # Hyperparameters: Python values until built, then variables.
+    # Hyperparameters: Python values until built, then variables. Read
+    # inside a `tf.function`, a built layer's are tensors.
 
     def _get_hparam(self, name):
-        if self._hparam_vars is not None:
-            return self._hparam_vars[name].numpy().item()
-        # None while __init__ runs (TensorFlow's tracking reads attributes first).
-        return self.__dict__.get(f"_{name}_value")
+        if self._hparam_vars is None:
+            # None while __init__ runs (TensorFlow's tracking reads attributes first).
+            return self.__dict__.get(f"_{name}_value")
+        variable = self._hparam_vars[name]
+        if not tf.executing_eagerly():
+            return tf.convert_to_tensor(variable)
+        return variable.numpy().item()
 
     def _set_hparam(self, name, value):
+        self.__dict__[f"_{name}_value"] = value
         if self._hparam_vars is not None:
             self._hparam_vars[name].assign(value)
-        else:
-            self.__dict__[f"_{name}_value"] = value
 
     @property
     def k(self):
         """The number of neighbours combined."""
-        value = self._get_hparam("k")
-        return None if value is None else int(value)
+        return self._get_hparam("k")
 
     @k.setter
     def k(self, value):
-        value = _check_positive_int("k", value)
-        if self.memory_size is not None and value > self.memory_size:
-            raise ValueError(
-                f"`k` must be at most the memory size ({self.memory_size} entries). "
-                f"Received: k={value}"
-            )
-        self._set_hparam("k", value)
+        self._set_hparam("k", _validation.k_within(value, self.memory_size))
 
     @property
     def sigma(self):
         """The distance scale of the neighbour weights."""
-        value = self._get_hparam("sigma")
-        return None if value is None else float(value)
+        return self._get_hparam("sigma")
 
     @sigma.setter
     def sigma(self, value):
-        self._set_hparam("sigma", _check_positive_float("sigma", value))
+        self._set_hparam("sigma", _validation.positive_float("sigma", value))
 
     @property
     def temperature(self):
         """The softmax temperature `T`."""
-        value = self._get_hparam("temperature")
-        return None if value is None else float(value)
+        return self._get_hparam("temperature")
 
     @temperature.setter
     def temperature(self, value):
-        value = _check_positive_float("temperature", value)
+        value = _validation.positive_float("temperature", value)
         if self.sparse_residuals is not None and self._hparam_vars is not None:
             if value != self.temperature:
                 raise ValueError(
@@ -291,61 +254,63 @@ class ResidualMemory(keras.layers.Layer):
     def method(self):
         """How the neighbours are combined: `"resmem"`, `"knn"` or `"interpolation"`."""
         value = self._get_hparam("method")
-        return None if value is None else residuals_lib.METHODS[int(value)]
+        if value is None or isinstance(value, tf.Tensor):
+            return value
+        return residuals_lib.METHODS[int(value)]
 
     @method.setter
     def method(self, value):
-        if not isinstance(value, str) or value not in residuals_lib.METHODS:
-            raise ValueError(
-                f"`method` must be one of {residuals_lib.METHODS}. Received: method={value!r}"
-            )
+        value = _validation.one_of("method", value, residuals_lib.METHODS)
         self._set_hparam("method", residuals_lib.METHODS.index(value))
 
     @property
     def knn_weight(self):
         """`"interpolation"` only: the weight `lambda` of the kNN on labels."""
-        value = self._get_hparam("knn_weight")
-        return None if value is None else float(value)
+        return self._get_hparam("knn_weight")
 
     @knn_weight.setter
     def knn_weight(self, value):
-        self._set_hparam("knn_weight", _check_unit_float("knn_weight", value))
+        self._set_hparam("knn_weight", _validation.unit_float("knn_weight", value))
+
+    # The search backend.
+
+    @property
+    def search(self):
+        """The search backend (a `keras_resmem.search.SearchBackend`)."""
+        return self._backend or self._search
+
+    @property
+    def search_backend(self):
+        """The name of the backend in use (`"auto"` resolved), or None before the memory."""
+        if self._backend is not None:
+            return self._backend.name
+        if self.memory_size is None:
+            return None
+        return self._search.clone().resolve(self.memory_size, self.key_dim or 1).name
+
+    @property
+    def search_knobs(self):
+        """The backend's settings that can change at any time, by name (IVF: `num_probes`)."""
+        return {name: self.search.get_knob(name) for name in self.search.knobs}
+
+    def set_search_knob(self, name, value):
+        """Changes one of `search_knobs`; it reaches compiled and exported models too."""
+        self.search.set_knob(name, value)
 
     @property
     def num_probes(self):
-        """IVF search only: the number of partitions probed per query.
+        """IVF search only: the number of partitions probed per query (None otherwise).
 
         More probes find more of the true neighbours and cost more time. Can
         be changed at any time, like `k`.
         """
-        if self.search_backend != "ivf":
-            return None
-        if self._hparam_vars is None:
-            return self._ivf_options_in_use()["num_probes"]
-        return int(self._hparam_vars["num_probes"].numpy())
+        return self.search_knobs.get("num_probes")
 
     @num_probes.setter
     def num_probes(self, value):
-        if self.search_backend != "ivf":
-            raise ValueError(
-                "`num_probes` applies to the 'ivf' search backend only; this memory uses "
-                f"search={self.search_backend!r}."
-            )
-        value = _check_positive_int("num_probes", value)
-        if self._hparam_vars is None:
-            self.ivf_options = {**(self.ivf_options or {}), "num_probes": value}
-        else:
-            self._hparam_vars["num_probes"].assign(value)
+        self.set_search_knob("num_probes", value)
 
-    def _ivf_options_in_use(self):
-        return search_lib.resolve_ivf_options(self.memory_size, self.ivf_options)
-
-    @property
-    def search_backend(self):
-        """The backend in use: `"exact"`, `"ivf"` or `"scann"` (`"auto"` resolved)."""
-        if self.memory_size is None:
-            return None
-        return search_lib.resolve_backend(self.search, self.memory_size)
+    # State.
 
     def build(self, input_shape=None):
         if self.memory_size is None or self.key_dim is None or self.num_outputs is None:
@@ -355,122 +320,68 @@ class ResidualMemory(keras.layers.Layer):
             )
         if input_shape is not None:
             self._check_input_shapes(input_shape)
+        if self._share_state_of is not None:
+            self._build_shared(self._share_state_of)
+        else:
+            self._build_entries()
+        self._hparam_vars = {}
+        for name, dtype in _HPARAM_DTYPES.items():
+            self._hparam_vars[name] = self.add_weight(
+                name=name, shape=(), dtype=dtype, initializer="zeros", trainable=False
+            )
+            self._hparam_vars[name].assign(self.__dict__[f"_{name}_value"])
+        if self._share_state_of is None:
+            self._backend = self._search.clone().resolve(self.memory_size, self.key_dim)
+            self._backend.build(self.keys, self.add_weight, self._entry_initializer())
+        self.built = True
+
+    def _build_entries(self):
         n, c = self.memory_size, self.num_outputs
-        hparams = {
-            "k": self._k_value,
-            "sigma": self._sigma_value,
-            "temperature": self._temperature_value,
-        }
-        self.keys = self.add_weight(
-            name="keys",
-            shape=(n, self.key_dim),
-            initializer=self._entry_initializer(),
-            trainable=False,
-        )
-        if self.sparse_residuals is None:
-            self.memory_scores = self.add_weight(
-                name="memory_scores",
-                shape=(n, c),
+
+        def entry(name, shape, dtype="float32"):
+            return self.add_weight(
+                name=name,
+                shape=shape,
+                dtype=dtype,
                 initializer=self._entry_initializer(),
                 trainable=False,
             )
+
+        self.keys = entry("keys", (n, self.key_dim))
+        entries = {"keys": self.keys}
+        if self.sparse_residuals is None:
+            self.memory_scores = entries["memory_scores"] = entry("memory_scores", (n, c))
         else:
             m = self.sparse_residuals
-            self.residual_ids = self.add_weight(
-                name="residual_ids",
-                shape=(n, m),
-                dtype="int32",
-                initializer=self._entry_initializer(),
-                trainable=False,
-            )
-            self.residual_values = self.add_weight(
-                name="residual_values",
-                shape=(n, m),
-                dtype="float16",
-                initializer=self._entry_initializer(),
-                trainable=False,
+            self.residual_ids = entries["residual_ids"] = entry("residual_ids", (n, m), "int32")
+            self.residual_values = entries["residual_values"] = entry(
+                "residual_values", (n, m), "float16"
             )
         target_shape, target_dtype = (
             ((n,), "int32") if self.task == "classification" else ((n, c), "float32")
         )
-        self.memory_targets = self.add_weight(
-            name="memory_targets",
-            shape=target_shape,
-            dtype=target_dtype,
-            initializer=self._entry_initializer(),
-            trainable=False,
+        self.memory_targets = entries["memory_targets"] = entry(
+            "memory_targets", target_shape, target_dtype
         )
-        self._hparam_vars = {
-            "k": self.add_weight(
-                name="k", shape=(), dtype="int32", initializer="zeros", trainable=False
-            ),
-            # float64, so that get_config() gives back exactly the value set.
-            "sigma": self.add_weight(
-                name="sigma", shape=(), dtype="float64", initializer="ones", trainable=False
-            ),
-            "temperature": self.add_weight(
-                name="temperature", shape=(), dtype="float64", initializer="ones", trainable=False
-            ),
-        }
-        for name, value in hparams.items():
-            self._hparam_vars[name].assign(value)
-        if self.search_backend == "exact":
-            self._searcher = search_lib.ExactSearch(self.keys, self.chunk_size)
-        elif self.search_backend == "ivf":
-            self._build_ivf()
-        # Last, after every other variable: a file saved before these two
-        # existed still loads (`load_own_variables`).
-        self._hparam_vars["method"] = self.add_weight(
-            name="method", shape=(), dtype="int32", initializer="zeros", trainable=False
-        )
-        self._hparam_vars["knn_weight"] = self.add_weight(
-            name="knn_weight", shape=(), dtype="float64", initializer="zeros", trainable=False
-        )
-        for name in ("method", "knn_weight"):
-            self._hparam_vars[name].assign(self.__dict__[f"_{name}_value"])
-        self.built = True
+        self._entry_vars = entries
 
-    def _key_array(self):
-        # A read-only view of the key variable: `.numpy()` would copy it.
-        return np.asarray(tf.convert_to_tensor(self.keys))
+    def _build_shared(self, other):
+        """Takes `other`'s entries and index (not copied): only the settings are this layer's."""
+        self._entry_vars = dict(other._entry_vars)
+        for name, variable in self._entry_vars.items():
+            setattr(self, name, variable)
+        # Tracked, so that they are saved with this layer too.
+        self._shared_variables = [
+            v
+            for v in other.variables
+            if v.name not in _HPARAM_DTYPES and v.name not in self._entry_vars
+        ]
+        self._backend = other._backend
 
     def _entry_initializer(self):
         # A memory being filled gets uninitialized per-entry variables: their
         # pages take no RAM until written, so the memory never exists twice.
         return _unwritten if self._filling else "zeros"
-
-    def _build_ivf(self):
-        opts = self._ivf_options_in_use()
-        p = opts["num_partitions"]
-        self.ivf_centroids = self.add_weight(
-            name="ivf_centroids", shape=(p, self.key_dim), initializer="zeros", trainable=False
-        )
-        self.ivf_offsets = self.add_weight(
-            name="ivf_offsets",
-            shape=(p + 1,),
-            dtype="int32",
-            initializer="zeros",
-            trainable=False,
-        )
-        self.ivf_ids = self.add_weight(
-            name="ivf_ids",
-            shape=(self.memory_size,),
-            dtype="int32",
-            initializer=self._entry_initializer(),
-            trainable=False,
-        )
-        self._hparam_vars["num_probes"] = self.add_weight(
-            name="num_probes", shape=(), dtype="int32", initializer="zeros", trainable=False
-        )
-        self._hparam_vars["num_probes"].assign(opts["num_probes"])
-        self._searcher = search_lib.IVFSearch(
-            self.keys,
-            self.ivf_centroids,
-            self.ivf_offsets,
-            self.ivf_ids,
-            self._hparam_vars["num_probes"],
-            chunk_size=self.chunk_size,
-        )
 
     def _check_input_shapes(self, input_shape):
         if not (isinstance(input_shape, (list, tuple)) and len(input_shape) == 2) or not all(
@@ -493,6 +404,18 @@ class ResidualMemory(keras.layers.Layer):
                 f"memory keys have key_dim={self.key_dim}. Received embeddings shape: {emb_shape}"
             )
 
+    def _check_ready(self):
+        if not self.built:
+            raise ValueError("This ResidualMemory holds no memory yet: call `memorize` first.")
+        if self._fill_failed:
+            raise ValueError(
+                "This ResidualMemory's last fill failed part way, so its memory is incomplete; "
+                "fill it again (`memorize` or `keras_resmem.attach_memory`) before using or "
+                "saving it."
+            )
+
+    # Filling.
+
     def memorize(self, embeddings, scores, targets, verbose=0):
         """Stores the memory: one entry per training example.
 
@@ -506,172 +429,101 @@ class ResidualMemory(keras.layers.Layer):
 
         Raises:
             ValueError: on shapes that disagree, non-finite values, or class
-                ids outside `[0, num_outputs)`.
+                ids outside `[0, num_outputs)`. The memory is left as it was.
         """
         embeddings = np.asarray(embeddings, dtype=np.float32)
-        scores = np.asarray(scores, dtype=np.float32)
         n = len(embeddings)
         if n == 0:
             raise ValueError("`embeddings` is empty: a memory needs at least one entry.")
-        embeddings = embeddings.reshape(n, -1)
-        if scores.ndim != 2 or len(scores) != n:
+        writer = self._writer(capacity=n)
+        scores, targets = np.asarray(scores, dtype=np.float32), np.asarray(targets)
+        if len(scores) != n or len(targets) != n:
             raise ValueError(
-                f"`scores` must have shape (n, num_outputs) with n={n} (the number of "
-                f"embeddings). Received: scores.shape={scores.shape}"
+                f"`scores` and `targets` must have one row per embedding ({n}). "
+                f"Received: {len(scores)} rows of scores and {len(targets)} of targets"
             )
-        targets = self._check_targets(np.asarray(targets), n, scores.shape[1])
-        for name, value in (("embeddings", embeddings), ("scores", scores)):
-            bad = ~np.isfinite(value).all(axis=tuple(range(1, value.ndim)))
-            if bad.any():
-                raise ValueError(
-                    f"`{name}` contains NaN or infinite values, in {int(bad.sum())} of {n} "
-                    f"entries (the first at index {int(np.argmax(bad))})."
-                )
-        writer = _MemoryWriter(self, capacity=n)
         for i in range(0, n, _WRITE_ROWS):
-            writer.write(
-                embeddings[i : i + _WRITE_ROWS],
-                scores[i : i + _WRITE_ROWS],
-                targets[i : i + _WRITE_ROWS],
-            )
-        writer.close(verbose=verbose)
+            rows = slice(i, i + _WRITE_ROWS)
+            writer.write(embeddings[rows], scores[rows], targets[rows])
+        self._fill(writer.finish(), verbose=verbose)
 
-    def _allocate(self, n, key_dim, num_outputs):
-        """Creates (or re-uses) the variables of an `n`-entry memory."""
-        shape = (n, key_dim, num_outputs)
+    def _writer(self, capacity=None):
+        """A `MemoryWriter` with this memory's settings."""
+        return writer_lib.MemoryWriter(
+            task=self.task,
+            sparse_residuals=self.sparse_residuals,
+            temperature=self.temperature,
+            from_logits=self.from_logits,
+            num_outputs=self.num_outputs,
+            capacity=capacity,
+        )
+
+    def _fill(self, entries, verbose=0):
+        """Makes `entries` (a finished `MemoryEntries`) the memory, and indexes it."""
+        shape = (entries.memory_size, entries.key_dim, entries.num_outputs)
         if self.built and shape != (self.memory_size, self.key_dim, self.num_outputs):
             raise ValueError(
                 "This layer already holds a memory of a different shape "
                 f"({self.memory_size}, {self.key_dim}, {self.num_outputs}); create a new "
                 f"ResidualMemory for one of shape {shape}."
             )
-        if self.k > n:
-            raise ValueError(
-                f"`k` must be at most the memory size ({n} entries). Received: k={self.k}"
-            )
-        self._check_num_outputs(num_outputs)
-        self.memory_size, self.key_dim, self.num_outputs = shape
+        _validation.k_within(self.k, entries.memory_size)
         if not self.built:
+            self.memory_size, self.key_dim, self.num_outputs = shape
             self._filling = True
             try:
                 self.build()
+            except BaseException:
+                self.memory_size = self.key_dim = self.num_outputs = None
+                raise
             finally:
                 self._filling = False
-
-    def _check_num_outputs(self, num_outputs):
-        if self.sparse_residuals is not None and self.sparse_residuals > num_outputs:
-            raise ValueError(
-                f"`sparse_residuals` must be at most the number of outputs ({num_outputs}). "
-                f"Received: sparse_residuals={self.sparse_residuals}"
-            )
-
-    def _entry_arrays(self, scores, targets):
-        """What the memory stores per entry, by variable name, from validated arrays."""
-        if self.sparse_residuals is None:
-            return {"memory_scores": scores, "memory_targets": targets}
-        ids, values = residuals_lib.sparse_residuals(
-            scores,
-            targets,
-            self.sparse_residuals,
-            temperature=self.temperature,
-            from_logits=self.from_logits,
-        )
-        return {
-            "residual_ids": ids.numpy(),
-            "residual_values": values.numpy(),
-            "memory_targets": targets,
-        }
-
-    def _build_index(self, verbose=0):
-        if self.search_backend == "scann":
-            self._searcher = search_lib.ScannSearch.build(self.keys, self.scann_options)
-        elif self.search_backend == "ivf":
-            centroids, offsets, ids = search_lib.train_ivf(
-                self._key_array(), self._ivf_options_in_use(), verbose=verbose
-            )
-            self.ivf_centroids.assign(centroids)
-            self.ivf_offsets.assign(offsets)
-            self.ivf_ids.assign(ids)
+        try:
+            for name, array in entries.arrays.items():
+                _adopt(self._entry_vars[name], array)
+            entries.arrays.clear()
+            self._backend.fit(verbose=verbose)
+        except BaseException:
+            self._fill_failed = True
+            raise
+        self._fill_failed = False
 
     def storage_bytes(self):
         """The memory's size in bytes, by part.
 
         Returns:
             A dict: `"keys"`, `"residuals"` (the stored network outputs, or
-            the sparse residual entries), `"targets"`, `"index"` (IVF's lists
-            and centroids, or ScaNN's serialized index; 0 for exact search)
-            and `"total"`. Divide by `memory_size` for bytes per entry.
+            the sparse residual entries), `"targets"`, `"index"` (the search
+            backend's own state: IVF's lists and centroids, or ScaNN's
+            serialized index; 0 for exact search) and `"total"`. Divide by
+            `memory_size` for bytes per entry.
         """
-        if not self.built:
-            raise ValueError("This ResidualMemory holds no memory yet: call `memorize` first.")
+        self._check_ready()
 
-        def nbytes(*variables):
+        def nbytes(*names):
             return sum(
                 math.prod(v.shape) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
-                for v in variables
+                for name, v in self._entry_vars.items()
+                if name in names
             )
 
-        if self.sparse_residuals is None:
-            residual_bytes = nbytes(self.memory_scores)
-        else:
-            residual_bytes = nbytes(self.residual_ids, self.residual_values)
-        index_bytes = 0
-        if self.search_backend == "ivf":
-            index_bytes = nbytes(self.ivf_centroids, self.ivf_offsets, self.ivf_ids)
-        elif self.search_backend == "scann":
-            index_bytes = sum(
-                _tensor_bytes(t) for t in self._ensure_searcher().index_tensors().values()
-            )
         sizes = {
-            "keys": nbytes(self.keys),
-            "residuals": residual_bytes,
-            "targets": nbytes(self.memory_targets),
-            "index": index_bytes,
+            "keys": nbytes("keys"),
+            "residuals": nbytes("memory_scores", "residual_ids", "residual_values"),
+            "targets": nbytes("memory_targets"),
+            "index": int(self._backend.storage_bytes()),
         }
         sizes["total"] = sum(sizes.values())
         return sizes
 
-    def _check_targets(self, targets, n, c):
-        if len(targets) != n:
-            raise ValueError(
-                f"`targets` must have one row per embedding ({n}). Received: {len(targets)} rows"
-            )
-        if self.task == "regression":
-            targets = targets.astype(np.float32).reshape(n, -1)
-            if targets.shape[1] != c:
-                raise ValueError(
-                    f"Regression targets must have the width of the scores ({c}). "
-                    f"Received: targets.shape={targets.shape}"
-                )
-            if not np.isfinite(targets).all():
-                raise ValueError("`targets` contains NaN or infinite values.")
-            return targets
-        if targets.ndim != 1 or not np.issubdtype(targets.dtype, np.integer):
-            raise ValueError(
-                "Classification targets must be integer class ids of shape (n,). "
-                f"Received: dtype={targets.dtype}, shape={targets.shape}"
-            )
-        if targets.min() < 0 or targets.max() >= c:
-            raise ValueError(
-                f"Class ids must lie in [0, {c}) for a model with {c} outputs. "
-                f"Received ids from {targets.min()} to {targets.max()}"
-            )
-        return targets.astype(np.int32)
-
-    def _ensure_searcher(self):
-        if self._searcher is None:
-            # A ScaNN memory loaded without its index (e.g. from a weights
-            # file): rebuild the index from the keys, eagerly, once.
-            with tf.init_scope():
-                self._searcher = search_lib.ScannSearch.build(self.keys, self.scann_options)
-        return self._searcher
+    # Searching and combining.
 
     def _hparam_tensor(self, name):
         value = tf.convert_to_tensor(self._hparam_vars[name])
-        return value if name in ("k", "method") else tf.cast(value, tf.float32)
+        return value if _HPARAM_DTYPES[name] == "int32" else tf.cast(value, tf.float32)
 
-    def _search(self, queries):
-        ids = self._ensure_searcher().search(queries, self._hparam_tensor("k"))
+    def _search_neighbors(self, queries, k, searcher):
+        ids = searcher.search(queries, k)
         # Exact distances of the k found, whatever the backend: an approximate
         # search may miss a neighbour but never mis-weights one.
         neighbor_keys = tf.gather(self.keys, ids)
@@ -682,34 +534,99 @@ class ResidualMemory(keras.layers.Layer):
         order = tf.argsort(distances, axis=-1, stable=True)
         return tf.gather(ids, order, batch_dims=1), tf.gather(distances, order, batch_dims=1)
 
-    def neighbors(self, embeddings):
+    def neighbors(self, embeddings, k=None):
         """The `k` nearest memory entries of each query, and their weights.
 
         Args:
             embeddings: `(m, ...)` query embeddings (flattened to `key_dim`).
+            k: how many; default the layer's `k`. Passing it does not change
+                the layer.
 
         Returns:
             `(ids, distances, weights)`, each `(m, k)`, nearest first: int32
             memory ids, L2 distances, and the normalised weights.
         """
+        self._check_ready()
+        if k is None:
+            k = self._hparam_tensor("k")
+        else:
+            k = _validation.k_within(k, self.memory_size)
         queries = tf.reshape(tf.cast(embeddings, tf.float32), [-1, self.key_dim])
-        ids, distances = self._search(queries)
+        ids, distances = self._search_neighbors(queries, k, self._backend)
         weights = residuals_lib.neighbor_weights(distances, self._hparam_tensor("sigma"))
         return ids, distances, weights
 
+    def neighbor_rows(self, ids, methods=residuals_lib.METHODS):
+        """The stored rows of the neighbours `ids` that `methods` combine, by name.
+
+        Returns:
+            A dict for `combine`: `"targets"`, and for `"resmem"` either
+            `"scores"` (dense) or `"residual_ids"` and `"residual_values"`.
+        """
+        rows = {"targets": tf.gather(self.memory_targets, ids)}
+        if "resmem" in methods:
+            if self.sparse_residuals is None:
+                rows["scores"] = tf.gather(self.memory_scores, ids)
+            else:
+                rows["residual_ids"] = tf.gather(self.residual_ids, ids)
+                rows["residual_values"] = tf.gather(self.residual_values, ids)
+        return rows
+
+    def combine(self, method, scores, rows, distances, *, sigma, temperature, knn_weight):
+        """One method's prediction from the neighbours' rows, and the weights.
+
+        The combine step of `call`, open to callers that search once and
+        combine many times (`keras_resmem.tuning.NeighborCache`).
+
+        Args:
+            method: `"resmem"`, `"knn"` or `"interpolation"`.
+            scores: `(m, num_outputs)` the network's outputs on the queries.
+            rows: `neighbor_rows(ids)`, each `(m, k, ...)`.
+            distances: `(m, k)` L2 distances, nearest first.
+            sigma, temperature, knn_weight: float32 scalars.
+        """
+        return residuals_lib.combine(
+            method,
+            scores,
+            rows,
+            distances,
+            sigma=sigma,
+            temperature=temperature,
+            knn_weight=knn_weight,
+            task=self.task,
+            from_logits=self.from_logits,
+            sparse=self.sparse_residuals is not None,
+        )
+
+    def _combine_method(self, method, scores, ids, distances):
+        return self.combine(
+            method,
+            scores,
+            self.neighbor_rows(ids, (method,)),
+            distances,
+            sigma=self._hparam_tensor("sigma"),
+            temperature=self._hparam_tensor("temperature"),
+            knn_weight=self._hparam_tensor("knn_weight"),
+        )
+
     def call(self, inputs, return_neighbors=False):
+        self._check_ready()
+        return self._predict(inputs, self._backend, return_neighbors)
+
+    def _predict(self, inputs, searcher, return_neighbors=False):
+        """`call`, searching with `searcher` (an export's, or the layer's backend)."""
         self._check_input_shapes([tuple(t.shape) for t in inputs])
         embeddings, scores = inputs
         scores = tf.cast(scores, tf.float32)
         batch_shape = tf.shape(scores)[:-1]
         flat_scores = tf.reshape(scores, [-1, self.num_outputs])
         queries = tf.reshape(tf.cast(embeddings, tf.float32), [-1, self.key_dim])
-        ids, distances = self._search(queries)
+        ids, distances = self._search_neighbors(queries, self._hparam_tensor("k"), searcher)
         # Only the chosen method's branch runs (and gathers what it needs).
         prediction, weights = tf.switch_case(
             self._hparam_tensor("method"),
             [
-                functools.partial(self._combine, method, flat_scores, ids, distances)
+                functools.partial(self._combine_method, method, flat_scores, ids, distances)
                 for method in residuals_lib.METHODS
             ],
         )
@@ -718,28 +635,6 @@ class ResidualMemory(keras.layers.Layer):
             return prediction
         neighbor_shape = tf.concat([batch_shape, [-1]], axis=0)
         return prediction, tf.reshape(ids, neighbor_shape), tf.reshape(weights, neighbor_shape)
-
-    def _combine(self, method, scores, ids, distances):
-        gather = lambda variable: tf.gather(variable, ids)  # noqa: E731
-        neighbors = {"targets": gather(self.memory_targets)}
-        if method == "resmem":
-            if self.sparse_residuals is None:
-                neighbors["scores"] = gather(self.memory_scores)
-            else:
-                neighbors["residual_ids"] = gather(self.residual_ids)
-                neighbors["residual_values"] = gather(self.residual_values)
-        return residuals_lib.combine(
-            method,
-            scores,
-            neighbors,
-            distances,
-            sigma=self._hparam_tensor("sigma"),
-            temperature=self._hparam_tensor("temperature"),
-            knn_weight=self._hparam_tensor("knn_weight"),
-            task=self.task,
-            from_logits=self.from_logits,
-            sparse=self.sparse_residuals is not None,
-        )
 
     def compute_output_spec(self, inputs, return_neighbors=False):
         _, scores = inputs
@@ -753,32 +648,82 @@ class ResidualMemory(keras.layers.Layer):
             keras.KerasTensor(neighbor_shape, dtype="float32"),
         )
 
+    def _with_settings(self, **settings):
+        """A new layer with other settings that shares this one's memory and index (no copy).
+
+        `settings` are `ResidualMemory` arguments: `k`, `sigma`,
+        `temperature`, `method`, `knn_weight`.
+        """
+        self._check_ready()
+        config = {**self.get_config(), **settings}
+        layer = type(self).from_config(config)
+        layer._share_state_of = self
+        layer.build()
+        layer._share_state_of = None
+        return layer
+
+    # Saving. Variables are saved by name, so that a later version can add
+    # one without breaking older files.
+
+    def save_own_variables(self, store):
+        self._check_ready()
+        for variable in self.variables:
+            store[variable.name] = variable
+
     def load_own_variables(self, store):
-        if len(store.keys()) == len(self.variables) - 2:
-            # Saved before `method` and `knn_weight` existed (always the last
-            # two variables): those keep the values of the layer's config.
-            n = len(store.keys())
-            store = {str(i): store[str(i)] for i in range(n)}
-            store[str(n)] = self._hparam_vars["method"].numpy()
-            store[str(n + 1)] = self._hparam_vars["knn_weight"].numpy()
-        super().load_own_variables(store)
-        if self.search_backend == "scann":
-            # The index no longer matches the keys; `load_assets` (or the
-            # first call) restores it.
-            self._searcher = None
+        names = list(store.keys())
+        if names and all(name.isdigit() for name in names):
+            store = self._legacy_store(store)
+        variables = {v.name: v for v in self.variables}
+        optional = set(_ADDED_LATER) | set(self._backend.knobs)
+        missing = sorted(set(variables) - set(store.keys()) - optional)
+        unknown = sorted(set(store.keys()) - set(variables))
+        if missing or unknown:
+            raise ValueError(
+                f"The saved memory of layer {self.name!r} does not fit its config: "
+                f"variables missing {missing}, unknown {unknown}."
+            )
+        for name in store.keys():
+            variable, value = variables[name], store[name]
+            if tuple(value.shape) != tuple(variable.shape):
+                raise ValueError(
+                    f"The saved variable {name!r} of layer {self.name!r} has shape "
+                    f"{tuple(value.shape)}, but the layer's config gives {tuple(variable.shape)}."
+                )
+            variable.assign(value)
+        self._fill_failed = False
+        # The index may no longer match the keys; the backend catches up.
+        self._backend.keys_changed()
+
+    def _legacy_store(self, store):
+        """A version 0.1 file's variables (saved by position), by name."""
+        names = [
+            "keys",
+            *(
+                ["memory_scores"]
+                if self.sparse_residuals is None
+                else ["residual_ids", "residual_values"]
+            ),
+            "memory_targets",
+            "k",
+            "sigma",
+            "temperature",
+            *self._backend.legacy_variable_names(),
+            *_ADDED_LATER,
+        ]
+        n = len(store.keys())
+        if n not in (len(names), len(names) - len(_ADDED_LATER)):
+            raise ValueError(
+                f"The saved memory of layer {self.name!r} has {n} variables, but a memory with "
+                f"its config saved by version 0.1 has {len(names)}."
+            )
+        return {name: store[str(i)] for i, name in enumerate(names[:n])}
 
     def save_assets(self, dir_path):
-        if self.search_backend == "scann" and self._searcher is not None:
-            self._searcher.save(dir_path)
+        self._backend.save_assets(dir_path)
 
     def load_assets(self, dir_path):
-        if self.search_backend == "scann":
-            self._searcher = search_lib.ScannSearch.load(
-                dir_path, self.keys, self._scann_options_in_use()
-            )
-
-    def _scann_options_in_use(self):
-        return search_lib.resolve_scann_options(self.memory_size, self.key_dim, self.scann_options)
+        self._backend.load_assets(dir_path)
 
     def get_config(self):
         config = super().get_config()
@@ -791,46 +736,23 @@ class ResidualMemory(keras.layers.Layer):
                 "knn_weight": self.knn_weight,
                 "task": self.task,
                 "from_logits": self.from_logits,
-                "search": self.search,
+                "search": keras.saving.serialize_keras_object(self.search),
                 "sparse_residuals": self.sparse_residuals,
                 "memory_size": self.memory_size,
                 "key_dim": self.key_dim,
                 "num_outputs": self.num_outputs,
-                "chunk_size": self.chunk_size,
-                "scann_options": self.scann_options,
-                "ivf_options": self.ivf_options,
             }
         )
         return config
 
 
-# Rows written to the variables at once by `memorize` (bounds its temporary memory).
+# Rows validated and written at once by `memorize` (bounds its temporary memory).
 _WRITE_ROWS = 16384
 
 
 def _unwritten(shape, dtype=None):
     """An uninitialized tensor (every entry is written before the memory is used)."""
     return tf.raw_ops.Empty(shape=shape, dtype=dtype or "float32", init=False)
-
-
-def _tensor_bytes(tensor):
-    array = np.asarray(tensor)
-    if array.dtype == object:  # tf.string: serialized protos
-        return sum(len(b) for b in array.reshape(-1))
-    return int(array.nbytes)
-
-
-def _aligned_empty(shape, dtype, align=64):
-    """An uninitialized C-contiguous array whose data starts on an `align`-byte boundary.
-
-    TensorFlow shares, rather than copies, the memory of an array this aligned
-    (`_adopt`). Its pages take RAM only as they are written.
-    """
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + align, dtype=np.uint8)
-    start = -raw.ctypes.data % align
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def _adopt(variable, array):
@@ -848,115 +770,3 @@ def _adopt(variable, array):
     index build.
     """
     variable.assign(tf.experimental.dlpack.from_dlpack(array.__dlpack__()))
-
-
-class _BlockBuffer:
-    """Rows appended into blocks of about 64 MB.
-
-    Blocks that large are mapped from the OS on their own and given back when
-    freed; a list of small per-batch arrays would stay in the allocator's
-    heap after it is freed, and the process would hold the memory twice.
-    """
-
-    BLOCK_BYTES = 64 * 2**20
-
-    def __init__(self, row_shape, dtype):
-        self.row_shape, self.dtype = tuple(row_shape), np.dtype(dtype)
-        row_bytes = max(1, math.prod(self.row_shape) * self.dtype.itemsize)
-        self.block_rows = max(1, self.BLOCK_BYTES // row_bytes)
-        self.blocks, self.filled = [], 0
-
-    def append(self, rows):
-        while len(rows):
-            if not self.blocks or self.filled == self.block_rows:
-                self.blocks.append(np.empty((self.block_rows, *self.row_shape), self.dtype))
-                self.filled = 0
-            take = min(len(rows), self.block_rows - self.filled)
-            self.blocks[-1][self.filled : self.filled + take] = rows[:take]
-            self.filled += take
-            rows = rows[take:]
-
-    def pop_blocks(self):
-        """Yields the filled rows block by block, dropping each block."""
-        self.blocks.reverse()
-        while self.blocks:
-            block = self.blocks.pop()
-            yield block if self.blocks else block[: self.filled]
-
-
-class _MemoryWriter:
-    """Streams entries into a `ResidualMemory`, a batch at a time.
-
-    With `capacity` (the number of entries) known in advance, each batch is
-    written straight into arrays of the memory's full size, which the
-    variables then take over (`_adopt`): only the memory itself and one batch
-    are ever held. Without it, batches are kept in blocks as they come and
-    copied into those arrays at the end, each block freed once copied; the
-    arrays' pages take RAM only as they are written, so the memory is never
-    held twice there either.
-    """
-
-    def __init__(self, memory, capacity=None):
-        self.memory = memory
-        self.capacity = capacity
-        self.count = 0
-        self.buffers = None
-        self.arrays = None
-
-    def write(self, keys, scores, targets):
-        """Adds entries: `keys (b, d)` float32, `scores (b, c)`, validated `targets`."""
-        if len(keys) == 0:
-            return
-        self.memory._check_num_outputs(scores.shape[1])
-        arrays = {"keys": keys, **self.memory._entry_arrays(scores, targets)}
-        if self.count == 0:
-            self.key_dim, self.num_outputs = keys.shape[1], scores.shape[1]
-            self.row_specs = {name: (a.shape[1:], a.dtype) for name, a in arrays.items()}
-            if self.capacity is not None:
-                self.memory._allocate(self.capacity, self.key_dim, self.num_outputs)
-                self.arrays = self._full_arrays(self.capacity)
-            else:
-                self.buffers = {name: _BlockBuffer(*spec) for name, spec in self.row_specs.items()}
-        if self.capacity is not None:
-            if self.count + len(keys) > self.capacity:
-                raise ValueError(
-                    f"The data gave more memory entries than the {self.capacity} expected."
-                )
-            for name, values in arrays.items():
-                self.arrays[name][self.count : self.count + len(keys)] = values
-        else:
-            for name, values in arrays.items():
-                self.buffers[name].append(values)
-        self.count += len(keys)
-
-    def _full_arrays(self, n):
-        # In the variables' dtypes: a mixed-precision model gives float16 keys.
-        return {
-            name: _aligned_empty(
-                (n, *row_shape),
-                keras.backend.standardize_dtype(getattr(self.memory, name).dtype),
-            )
-            for name, (row_shape, _) in self.row_specs.items()
-        }
-
-    def close(self, verbose=0):
-        """Finishes the memory and builds its search index."""
-        if self.count == 0:
-            raise ValueError("No memory entries: a memory needs at least one training example.")
-        if self.capacity is not None and self.count != self.capacity:
-            raise ValueError(
-                f"The data gave {self.count} memory entries, not the {self.capacity} expected."
-            )
-        if self.buffers is not None:
-            self.memory._allocate(self.count, self.key_dim, self.num_outputs)
-            self.arrays = self._full_arrays(self.count)
-            for name, buffer in self.buffers.items():
-                start = 0
-                for block in buffer.pop_blocks():
-                    self.arrays[name][start : start + len(block)] = block
-                    start += len(block)
-                    del block
-            self.buffers = None
-        for name in list(self.arrays):
-            _adopt(getattr(self.memory, name), self.arrays.pop(name))
-        self.memory._build_index(verbose=verbose)

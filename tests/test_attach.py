@@ -137,7 +137,7 @@ def test_labels_that_do_not_match_the_output(rng):
     wrong_width = r"outputs of shape \(256, 3\) but labels of shape \(256, 5\)"
     with pytest.raises(ValueError, match=wrong_width):
         keras_resmem.attach_memory(base, "pre_logits", (x, np.eye(5)[y]), verbose=0)
-    with pytest.raises(ValueError, match=r"Class ids must lie in \[0, 3\).*label 3 at example 10"):
+    with pytest.raises(ValueError, match=r"Class ids must lie in \[0, 3\).*label 3 at entry 10"):
         y_bad = y.copy()
         y_bad[10] = 3
         keras_resmem.attach_memory(base, "pre_logits", (x, y_bad), verbose=0)
@@ -156,7 +156,7 @@ def test_k_larger_than_the_memory(rng):
 def test_nan_or_infinite_embeddings(rng):
     x, y = toy_data(rng)
     x[123, 0] = np.nan  # tanh(inf) is finite; NaN propagates to the embedding
-    with pytest.raises(ValueError, match="NaN or infinite values, at training example 123"):
+    with pytest.raises(ValueError, match="NaN or infinite values.*entry 123"):
         keras_resmem.attach_memory(
             functional_model(), "pre_logits", (x, y), batch_size=50, verbose=0
         )

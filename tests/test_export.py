@@ -142,7 +142,7 @@ def test_portable_savedmodel_loads_with_the_tf1_loader_and_only_stock_ops(
 def test_scann_savedmodel_loads_once_scann_is_imported(rng, tmp_path):
     base, model = _resmem_model(rng, "scann", n=25000)
     memory = model.get_layer("residual_memory")
-    assert memory._scann_options_in_use()["brute_force"] is False  # a real tree index
+    assert memory.search._resolved["brute_force"] is False  # a real tree index
     path = keras_resmem.export_saved_model(model, tmp_path / "resmem" / "1", mode="scann")
     x = rng.normal(size=(64, 8)).astype("float32")
     got, imported = _load_in_fresh_process(path, x, tmp_path, load_scann=True)

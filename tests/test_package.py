@@ -14,6 +14,7 @@ def test_public_api_is_small_and_registered():
         "datasets",
         "diagnostics",
         "export_saved_model",
+        "search",
         "tuning",
     }
     import keras
@@ -21,6 +22,10 @@ def test_public_api_is_small_and_registered():
     assert keras.saving.get_registered_object("keras_resmem>ResidualMemory") is (
         keras_resmem.ResidualMemory
     )
+    for name in ("Exact", "IVF", "ScaNN", "Auto"):
+        assert keras.saving.get_registered_object(f"keras_resmem>{name}") is getattr(
+            keras_resmem.search, name
+        )
 
 
 def test_another_keras_backend_gets_a_clear_import_error():

@@ -197,7 +197,7 @@ def test_scann_shards_give_the_same_ids_and_run_unordered(rng, monkeypatch):
     queries = tf.constant(clustered(rng, 203, 8))
     index = search.ScannSearch.build(keys)
     want = index.search(queries, 10).numpy()  # eager
-    monkeypatch.setattr(search, "search_threads", lambda: 3)
+    monkeypatch.setattr(search.scann, "search_threads", lambda: 3)
     monkeypatch.setattr(search.ScannSearch, "min_shard_size", 8)
     fn = tf.function(lambda q: index.search(q, 10))
     np.testing.assert_array_equal(fn(queries).numpy(), want)  # 3 shards of 68
@@ -243,7 +243,7 @@ def test_nearest_centroids_in_small_chunks(rng):
     points = rng.normal(size=(1000, 4)).astype("float32")
     centroids = rng.normal(size=(300, 4)).astype("float32")
     want = ((points[:, None] - centroids[None]) ** 2).sum(-1).argmin(-1)
-    got = search._nearest_centroids(points, centroids, max_scores=300 * 256)  # 4 chunks
+    got = search.ivf._nearest_centroids(points, centroids, max_scores=300 * 256)  # 4 chunks
     np.testing.assert_array_equal(got, want)
 
 

@@ -204,7 +204,6 @@ def test_attach_memory_sequence_errors(rng):
 
 _STREAMING_RSS = """
 import numpy as np, tensorflow as tf, keras_resmem
-from keras_resmem.residual_memory import _MemoryWriter
 
 def peak():
     with open("/proc/self/status") as f:
@@ -212,7 +211,7 @@ def peak():
 
 n, d, batch = 1568 * 1024, 64, 1024
 memory = keras_resmem.ResidualMemory(k=1, search="exact")
-writer = _MemoryWriter(memory, capacity={capacity})
+writer = memory._writer(capacity={capacity})
 scores = np.zeros((batch, 2), np.float32)
 targets = np.zeros(batch, np.int32)
 tf.constant(1.0) + 1.0
@@ -221,7 +220,7 @@ with open("/proc/self/clear_refs", "w") as f:
 before = peak()
 for start in range(0, n, batch):
     writer.write(np.full((batch, d), start, np.float32), scores, targets)
-writer.close()
+memory._fill(writer.finish())
 grew = peak() - before
 size = memory.storage_bytes()["total"]
 assert memory.keys[-1, 0].numpy() == n - batch

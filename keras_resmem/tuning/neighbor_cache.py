@@ -1,8 +1,4 @@
-"""Cheap hyperparameter sweeps: neighbours searched once, reused for every (k, sigma, T).
-
-`NeighborCache` does the caching; `ResMemTuner` (which needs Keras Tuner,
-imported on first use) runs Keras Tuner searches over it.
-"""
+"""`NeighborCache`: neighbours searched once, reused for every (method, k, sigma, T)."""
 
 import dataclasses
 import itertools
@@ -10,9 +6,9 @@ import itertools
 import numpy as np
 import tensorflow as tf
 
+from keras_resmem import _validation
 from keras_resmem import residuals as residuals_lib
 from keras_resmem.api_export import keras_resmem_export
-from keras_resmem.diagnostics import compare
 
 _BLOCK = 4096
 
@@ -62,36 +58,24 @@ class NeighborCache:
     def __init__(self, memory, embeddings, scores, max_k, batch_size=1024):
         if not memory.built:
             raise ValueError("`memory` holds no memory yet: call `memory.memorize(...)` first.")
-        if max_k > memory.memory_size:
-            raise ValueError(
-                f"`max_k` must be at most the memory size ({memory.memory_size}). "
-                f"Received: max_k={max_k}"
-            )
-        old_k = memory.k
-        memory.k = max_k
-        try:
-            queries = tf.reshape(tf.cast(embeddings, tf.float32), [-1, memory.key_dim])
-            found = [
-                memory._search(queries[start : start + batch_size])
-                for start in range(0, int(queries.shape[0]), batch_size)
-            ]
-        finally:
-            memory.k = old_k
+        max_k = _validation.k_within(max_k, memory.memory_size, name="max_k")
+        batch_size = _validation.positive_int("batch_size", batch_size)
+        queries = tf.reshape(tf.cast(embeddings, tf.float32), [-1, memory.key_dim])
+        # `k` is passed to the search: the memory itself is not changed.
+        found = [
+            memory.neighbors(queries[start : start + batch_size], k=max_k)
+            for start in range(0, int(queries.shape[0]), batch_size)
+        ]
         ids = tf.concat([f[0] for f in found], axis=0)
         distances = tf.concat([f[1] for f in found], axis=0)
-        self.task, self.from_logits, self.max_k = memory.task, memory.from_logits, max_k
+        self.memory = memory
+        self.task, self.max_k = memory.task, max_k
         self.scores = tf.reshape(tf.constant(np.asarray(scores, np.float32)), [len(ids), -1])
         self.ids, self.distances = ids, distances
         self.sparse = memory.sparse_residuals is not None
         self.memory_temperature = memory.temperature
-        # The neighbours' stored rows, by `residuals.combine`'s names.
-        gather = lambda variable: tf.gather(variable, ids)  # noqa: E731
-        self.neighbors = {"targets": gather(memory.memory_targets)}
-        if self.sparse:
-            self.neighbors["residual_ids"] = gather(memory.residual_ids)
-            self.neighbors["residual_values"] = gather(memory.residual_values)
-        else:
-            self.neighbors["scores"] = gather(memory.memory_scores)
+        # The neighbours' stored rows, gathered once.
+        self.neighbors = memory.neighbor_rows(ids)
 
     def _check_k(self, k):
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.max_k:
@@ -110,10 +94,10 @@ class NeighborCache:
             knn_weight: `"interpolation"` only, in `[0, 1]`.
         """
         self._check_k(k)
-        if method not in residuals_lib.METHODS:
-            raise ValueError(
-                f"`method` must be one of {residuals_lib.METHODS}. Received: method={method!r}"
-            )
+        _validation.one_of("method", method, residuals_lib.METHODS)
+        sigma = _validation.positive_float("sigma", sigma)
+        temperature = _validation.positive_float("temperature", temperature)
+        knn_weight = _validation.unit_float("knn_weight", knn_weight)
         if method == "knn" and self.task == "classification":
             temperature = 1.0  # not used; any valid value
         if method == "resmem" and self.sparse and temperature != self.memory_temperature:
@@ -122,26 +106,22 @@ class NeighborCache:
                 f"{self.memory_temperature} when it was built. Received: "
                 f"temperature={temperature} (the baselines accept any temperature)"
             )
-        if not 0.0 <= knn_weight <= 1.0:
-            raise ValueError(f"`knn_weight` must be in [0, 1]. Received: knn_weight={knn_weight}")
-        options = {
+        settings = {
             "sigma": tf.constant(sigma, tf.float32),
             "temperature": tf.constant(temperature, tf.float32),
             "knn_weight": tf.constant(knn_weight, tf.float32),
-            "task": self.task,
-            "from_logits": self.from_logits,
-            "sparse": self.sparse,
         }
         # In blocks of queries: each is a (block, k, ...) gather and a dense
-        # (block, c) result, and c can be a vocabulary.
+        # (block, c) result, and c can be a vocabulary. The combine step is
+        # the memory layer's own.
         return np.concatenate(
             [
-                residuals_lib.combine(
+                self.memory.combine(
                     method,
                     self.scores[i : i + _BLOCK],
                     {name: rows[i : i + _BLOCK, :k] for name, rows in self.neighbors.items()},
                     self.distances[i : i + _BLOCK, :k],
-                    **options,
+                    **settings,
                 )[0].numpy()
                 for i in range(0, len(self.ids), _BLOCK)
             ]
@@ -258,45 +238,3 @@ class Choice:
     def __repr__(self):
         score = f"accuracy={self.accuracy:.4f}" if self.mse is None else f"mse={self.mse:.6g}"
         return f"Choice(method={self.method!r}, settings={self.settings}, {score})"
-
-
-OBJECTIVES = ("val_accuracy", "val_gain", "val_tpr_at_fpr")
-
-
-def constrained_tpr(tpr, fpr, fpr_bound):
-    """The paper's conservative objective as one number to maximise.
-
-    `tpr` where `fpr < fpr_bound`; otherwise `-fpr`, which is negative and so
-    ranks every setting that breaks the bound below every one that keeps it
-    (and, among those that break it, the smaller FPR first). Such a trial is
-    ranked, not failed.
-    """
-    return tpr if fpr < fpr_bound else -fpr
-
-
-def trial_metrics(y_true, deepnet, resmem_scores, fpr_bound):
-    """A trial's validation metrics, from `keras_resmem.compare` of the two predictions."""
-    c = compare(y_true, deepnet, resmem_scores)
-    return {
-        "val_accuracy": c.resmem_accuracy,
-        "val_gain": c.gain,
-        "val_tpr": c.tpr,
-        "val_fpr": c.fpr,
-        "val_tpr_at_fpr": constrained_tpr(c.tpr, c.fpr, fpr_bound),
-    }
-
-
-def __getattr__(name):
-    # Keras Tuner is an optional dependency: imported on first use of the tuner.
-    if name == "ResMemTuner":
-        try:
-            from keras_resmem._tuner import ResMemTuner
-        except ImportError as e:
-            if "keras_tuner" not in str(e):
-                raise
-            raise ImportError(
-                "keras_resmem.tuning.ResMemTuner needs Keras Tuner: `pip install keras-tuner` "
-                "(or `pip install 'keras-resmem[tuning]'`)."
-            ) from e
-        return ResMemTuner
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

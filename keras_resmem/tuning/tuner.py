@@ -1,4 +1,4 @@
-"""`ResMemTuner`, public as `keras_resmem.tuning.ResMemTuner`: Keras Tuner over a memory."""
+"""`ResMemTuner`: Keras Tuner sweeps over a memory that is already built."""
 
 import os
 
@@ -9,7 +9,8 @@ import tensorflow as tf
 
 from keras_resmem import residuals as residuals_lib
 from keras_resmem.api_export import keras_resmem_export
-from keras_resmem.tuning import OBJECTIVES, NeighborCache, trial_metrics
+from keras_resmem.tuning.neighbor_cache import NeighborCache
+from keras_resmem.tuning.objectives import OBJECTIVES, trial_metrics
 
 
 def _largest_value(hp):
@@ -199,12 +200,7 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
         n = self.memory.memory_size
         ids = np.random.default_rng(0).permutation(n)[:256]
         sample = tf.gather(self.memory.keys, ids)  # 256 rows, not a copy of the table
-        old_k = self.memory.k
-        self.memory.k = min(2, self.memory.memory_size)
-        try:
-            _, distances, _ = self.memory.neighbors(sample)
-        finally:
-            self.memory.k = old_k
+        _, distances, _ = self.memory.neighbors(sample, k=min(2, n))
         scale = float(np.median(distances.numpy()[:, -1]))
         return scale if scale > 0 else 1.0
 
@@ -243,7 +239,11 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
         pass  # a trial is three numbers; the model never changes
 
     def load_model(self, trial):
-        """The model, with the memory set to the trial's method, k, sigma (and T, weight)."""
-        for name, value in self._trial_settings(trial.hyperparameters.values).items():
-            setattr(self.memory, name, value)
-        return self.model
+        """A model with the trial's method, k, sigma (and T, weight).
+
+        A new model for each trial, whose memory layer shares the memory and
+        index of the tuned model (nothing is copied); the tuned model is not
+        changed.
+        """
+        memory = self.memory._with_settings(**self._trial_settings(trial.hyperparameters.values))
+        return keras.Model(self.model.inputs, memory(self.memory.input), name=self.model.name)

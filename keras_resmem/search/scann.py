@@ -1,380 +1,17 @@
-"""Nearest-neighbour search backends behind one small interface.
-
-A backend answers one question, inside the TensorFlow graph: the ids of the
-`k` memory keys nearest to each query under L2 distance. `ResidualMemory`
-recomputes the exact distances of those `k` keys itself, so the weights are
-exact whatever the backend; an approximate backend can only miss neighbours.
-
-- `ExactSearch`: matmul + top-k in stock TensorFlow ops, streamed over chunks
-  of the memory so that peak memory is `batch * (chunk_size + k)` distances,
-  however large the memory.
-- `IVFSearch`: an inverted-file index in stock TensorFlow ops: k-means
-  partitions of the memory, probe the partitions nearest to the query, score
-  their entries exactly. Approximate, fast on large memories, and it runs on
-  stock TensorFlow Serving (no custom ops).
-- `ScannSearch`: ScaNN's TensorFlow ops (a custom op library that ships with
-  `scann[tf]`), for memories too large for exact search. A SavedModel that
-  uses it needs a ScaNN-enabled TensorFlow Serving build.
-"""
+"""ScaNN search, through ScaNN's TensorFlow ops (a custom op library of `scann[tf]`)."""
 
 import math
 import os
+import threading
 import uuid
+import warnings
 import weakref
 
-import keras
 import numpy as np
 import tensorflow as tf
 
-BACKENDS = ("auto", "exact", "ivf", "scann")
-# Backends whose graph holds only stock TensorFlow ops.
-PORTABLE_BACKENDS = ("exact", "ivf")
-# Below this many entries exact search is fast enough (a 64-d memory of this
-# size is ~13 MFLOP per query) and has perfect recall. From it, "auto" picks
-# IVF: on 1M real embeddings it had higher recall than ScaNN's defaults at a
-# similar speed (benchmarks/ivf_search.py), and its SavedModels run on stock
-# TensorFlow Serving.
-AUTO_APPROXIMATE_THRESHOLD = 200_000
-
-
-def resolve_backend(search, memory_size):
-    """Maps `search` ("auto", "exact", "ivf", "scann") to a concrete backend name."""
-    if search not in BACKENDS:
-        raise ValueError(f"`search` must be one of {BACKENDS}. Received: search={search!r}")
-    if search == "auto":
-        return "ivf" if memory_size >= AUTO_APPROXIMATE_THRESHOLD else "exact"
-    return search
-
-
-def l2_ranking_scores(queries, keys, keys_sq=None):
-    """`||k||^2 - 2 q.k` for every query and key: `||q - k||^2` less `||q||^2`.
-
-    `||q||^2` is the same for every key of a query, so these scores rank the
-    keys exactly as the squared L2 distances do, for one matmul. Pass
-    `keys_sq` (`||k||^2`) when it is already computed.
-    """
-    if keys_sq is None:
-        keys_sq = tf.reduce_sum(tf.square(keys), axis=-1)
-    return keys_sq[None, :] - 2.0 * tf.matmul(queries, keys, transpose_b=True)
-
-
-def smallest_k(values, k, block=32):
-    """The `k` smallest entries of each row of `values` `(m, n)`: `(values, indices)`.
-
-    Exact, and ascending. Rows wider than `2 * k * block` are split into blocks
-    of `block`: the `k` smallest entries lie in the `k` blocks with the smallest
-    minima, so one cheap pass (block minima) and a top-k over `k * block`
-    entries replace a top-k over the whole row, several times faster on CPU.
-    """
-    k = tf.cast(k, tf.int32)
-    m, n = tf.shape(values)[0], tf.shape(values)[1]
-
-    def whole_row():
-        # Rows narrower than k (a small last chunk) are padded with +inf.
-        padded = tf.pad(values, [[0, 0], [0, tf.maximum(k - n, 0)]], constant_values=np.inf)
-        top, ids = tf.math.top_k(-padded, k=k)
-        return -top, ids
-
-    def blocked():
-        num_blocks = (n + block - 1) // block
-        padded = tf.pad(values, [[0, 0], [0, num_blocks * block - n]], constant_values=np.inf)
-        blocks = tf.reshape(padded, [m, num_blocks, block])
-        _, best_blocks = tf.math.top_k(-tf.reduce_min(blocks, axis=-1), k=k)
-        candidates = tf.reshape(tf.gather(blocks, best_blocks, batch_dims=1), [m, k * block])
-        top, pos = tf.math.top_k(-candidates, k=k)
-        ids = best_blocks[:, :, None] * block + tf.range(block)[None, None, :]
-        return -top, tf.gather(tf.reshape(ids, [m, k * block]), pos, batch_dims=1)
-
-    return tf.cond(n >= 2 * k * block, blocked, whole_row)
-
-
-def _as_tensor(value, dtype):
-    # `tf.convert_to_tensor` costs microseconds even when `value` is already
-    # such a tensor; an eager single-query search takes tens of them.
-    if isinstance(value, tf.Tensor) and value.dtype == dtype:
-        return value
-    return tf.convert_to_tensor(value, dtype)
-
-
-class _Searcher:
-    """What every backend shares: `search`, in a graph or called eagerly.
-
-    Inside a graph (`predict`, `fit`, an export) `search` adds the backend's
-    ops. Called eagerly it runs them as one compiled `tf.function`, traced
-    once: op by op, each op would cost a Python round trip, and the
-    searchers' loops would run in Python. A backend can answer some eager
-    calls more directly (`_search_eagerly`).
-    """
-
-    _compiled = None
-
-    def search(self, queries, k):
-        """The int32 ids `(m, k)` of the `k` nearest keys of each query `(m, d)`."""
-        if not tf.executing_eagerly():
-            return self._search(queries, k)
-        queries = _as_tensor(queries, tf.float32)
-        k = _as_tensor(k, tf.int32)
-        ids = self._search_eagerly(queries, k)
-        if ids is not None:
-            return ids
-        if self._compiled is None:
-            self._compiled = tf.function(self._search, reduce_retracing=True, autograph=False)
-        return self._compiled(queries, k)
-
-    def _search_eagerly(self, queries, k):
-        """An eager answer without the compiled graph, or None (use the graph)."""
-        return None
-
-    def _search(self, queries, k):
-        raise NotImplementedError
-
-
-class ExactSearch(_Searcher):
-    """Exact L2 search: chunked `||k||^2 - 2 q.k` (the ranking of `||q - k||^2`), then top-k.
-
-    Args:
-        keys: the memory keys, a `(n, d)` float32 variable or tensor.
-        chunk_size: how many keys are scored at once.
-    """
-
-    name = "exact"
-
-    def __init__(self, keys, chunk_size=65536):
-        self.keys = keys
-        self.chunk_size = int(chunk_size)
-
-    def _search(self, queries, k):
-        # Nearest first.
-        keys = tf.convert_to_tensor(self.keys)
-        n = int(keys.shape[0])
-
-        if n <= self.chunk_size:
-            return smallest_k(l2_ranking_scores(queries, keys), k)[1]
-
-        num_chunks = math.ceil(n / self.chunk_size)
-        m = tf.shape(queries)[0]
-        best_d = tf.fill([m, k], tf.constant(np.inf, tf.float32))
-        best_i = tf.fill([m, k], tf.constant(-1, tf.int32))
-
-        def body(c, best_d, best_i):
-            # A slice of the keys, not a padded copy of them: the memory is
-            # never copied whole, however large.
-            start = c * self.chunk_size
-            chunk = keys[start : start + self.chunk_size]
-            d, ids = smallest_k(l2_ranking_scores(queries, chunk), k)
-            all_d = tf.concat([best_d, d], axis=1)
-            all_i = tf.concat([best_i, start + ids], axis=1)
-            _, top = tf.math.top_k(-all_d, k=k)
-            return (
-                c + 1,
-                tf.gather(all_d, top, batch_dims=1),
-                tf.gather(all_i, top, batch_dims=1),
-            )
-
-        _, _, best_i = tf.while_loop(
-            lambda c, *_: c < num_chunks,
-            body,
-            (tf.constant(0), best_d, best_i),
-            shape_invariants=(
-                tf.TensorShape([]),
-                tf.TensorShape([None, None]),
-                tf.TensorShape([None, None]),
-            ),
-            parallel_iterations=1,
-        )
-        return best_i
-
-
-def default_ivf_options(memory_size):
-    """IVF settings: ~4 sqrt(n) k-means partitions, 16 of them probed per query.
-
-    `num_partitions`: the number of k-means partitions (inverted lists).
-    `num_probes`: the partitions searched per query, nearest centroids first.
-    `training_sample_size`: the k-means training sample (64 per partition).
-    `iterations`: k-means (Lloyd) iterations. `seed`: the k-means seed.
-
-    Measured on Fashion-MNIST `pre_logits` embeddings: recall@50 of 0.99 at
-    1,020,000 entries (4,040 partitions; 5x the queries per second of exact
-    search at batch 256, `benchmarks/ivf_search.py`) and 0.994 at 60,000.
-    Isotropic Gaussian clusters are harder (0.89 on 40k 16-d keys): where
-    recall matters, measure it and raise `num_probes`.
-    """
-    num_partitions = int(min(max(round(4 * math.sqrt(memory_size)), 1), 65_536))
-    return {
-        "num_partitions": num_partitions,
-        "num_probes": min(num_partitions, 16),
-        "training_sample_size": 64 * num_partitions,
-        "iterations": 10,
-        "seed": 0,
-    }
-
-
-def resolve_ivf_options(memory_size, options):
-    """The defaults for `memory_size`, overridden by `options` (validated)."""
-    opts = default_ivf_options(memory_size)
-    unknown = sorted(set(options or {}) - set(opts))
-    if unknown:
-        raise ValueError(
-            f"Unknown IVF option(s) {unknown}. Valid options: {sorted(opts)}. "
-            f"Received: ivf_options={options!r}"
-        )
-    opts.update(options or {})
-    for name in ("num_partitions", "num_probes", "training_sample_size", "iterations"):
-        value = opts[name]
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(
-                f"IVF option `{name}` must be a positive integer. Received: {name}={value!r}"
-            )
-        opts[name] = int(value)
-    opts["num_partitions"] = min(opts["num_partitions"], memory_size)
-    return opts
-
-
-def _nearest_centroids(points, centroids, max_scores=2**22):
-    """Index of the nearest centroid of each point (L2), in chunks of points.
-
-    A chunk scores at most about `max_scores` (point, centroid) pairs at once
-    (16 MiB of float32), so that memory stays flat however many centroids:
-    65,536 points at a time against the 8,944 centroids of a 5M-entry memory
-    was a 2.3 GB score matrix, and its argmin ran on one core; chunks of
-    ~500 points were 1.6x faster there.
-    """
-    centroids = tf.convert_to_tensor(centroids)
-    c_sq = tf.reduce_sum(tf.square(centroids), axis=-1)
-    chunk_size = int(min(65_536, max(256, max_scores // int(centroids.shape[0]))))
-    out = np.empty(len(points), dtype=np.int32)
-    for start in range(0, len(points), chunk_size):
-        chunk = tf.convert_to_tensor(points[start : start + chunk_size])
-        scores = l2_ranking_scores(chunk, centroids, c_sq)
-        out[start : start + len(chunk)] = tf.argmin(scores, axis=-1, output_type=tf.int32).numpy()
-    return out
-
-
-def train_ivf(keys, options, verbose=0):
-    """Builds an inverted-file index of `keys` with k-means.
-
-    Args:
-        keys: `(n, d)` float32 array.
-        options: resolved options (`resolve_ivf_options`).
-        verbose: 1 shows a progress bar (k-means iterations, then the assignment).
-
-    Returns:
-        `(centroids, offsets, ids)`: `(P, d)` float32 centroids; `(P + 1,)`
-        int32 offsets; `(n,)` int32 memory ids sorted by partition, so that
-        partition `p` holds `ids[offsets[p]:offsets[p + 1]]`.
-    """
-    keys = np.asarray(keys, dtype=np.float32)
-    n = len(keys)
-    num_partitions = options["num_partitions"]
-    rng = np.random.default_rng(options["seed"])
-    sample_size = min(n, max(options["training_sample_size"], num_partitions))
-    sample = keys[np.sort(rng.choice(n, size=sample_size, replace=False))]
-    centroids = sample[rng.choice(sample_size, size=num_partitions, replace=False)]
-    progbar = keras.utils.Progbar(options["iterations"] + 1, verbose=verbose, unit_name="step")
-    for step in range(options["iterations"]):
-        assign = _nearest_centroids(sample, centroids)
-        sums = tf.math.unsorted_segment_sum(sample, assign, num_partitions).numpy()
-        counts = np.bincount(assign, minlength=num_partitions)
-        empty = counts == 0
-        centroids = np.where(empty[:, None], 0.0, sums / np.maximum(counts, 1)[:, None])
-        if empty.any():  # re-seed empty partitions on random sample points
-            centroids[empty] = sample[rng.choice(sample_size, size=int(empty.sum()))]
-        centroids = centroids.astype(np.float32)
-        progbar.update(step + 1)
-    assign = _nearest_centroids(keys, centroids)
-    progbar.update(options["iterations"] + 1)
-    ids = np.argsort(assign, kind="stable").astype(np.int32)
-    offsets = np.zeros(num_partitions + 1, dtype=np.int32)
-    np.cumsum(np.bincount(assign, minlength=num_partitions), out=offsets[1:])
-    return centroids, offsets, ids
-
-
-class IVFSearch(_Searcher):
-    """Inverted-file (IVF) search in stock TensorFlow ops.
-
-    Each query is compared with the `P` partition centroids, the `num_probes`
-    nearest partitions are opened, and all their entries are scored exactly;
-    the `k` best are returned. A query whose probed partitions hold fewer than
-    `k` entries makes its batch fall back to exact search, so `k` ids are
-    always real neighbours. Queries are scored in blocks so that at most
-    about `max_candidates` candidate keys are gathered at once.
-
-    Args:
-        keys: the memory keys `(n, d)`.
-        centroids, offsets, ids: the index (see `train_ivf`), variables or tensors.
-        num_probes: the number of partitions probed (a scalar variable or int).
-        chunk_size: chunk size of the exact fallback.
-        max_candidates: the budget of gathered key values per query block.
-    """
-
-    name = "ivf"
-
-    def __init__(
-        self, keys, centroids, offsets, ids, num_probes, chunk_size=65536, max_candidates=2**24
-    ):
-        self.keys = keys
-        self.centroids = centroids
-        self.offsets = offsets
-        self.ids = ids
-        self.num_probes = num_probes
-        self.exact = ExactSearch(keys, chunk_size)
-        self.max_candidates = int(max_candidates)
-
-    def _search(self, queries, k):
-        keys = tf.convert_to_tensor(self.keys)
-        centroids = tf.convert_to_tensor(self.centroids)
-        offsets = tf.convert_to_tensor(self.offsets)
-        ids = tf.convert_to_tensor(self.ids)
-        k = tf.cast(k, tf.int32)
-        n, dim = int(keys.shape[0]), int(keys.shape[1])
-        num_partitions = int(centroids.shape[0])
-        probes = tf.minimum(tf.cast(self.num_probes, tf.int32), num_partitions)
-        c_sq = tf.reduce_sum(tf.square(centroids), axis=-1)
-        # Queries per block: about `max_candidates` gathered key values each.
-        per_query = tf.cast(probes, tf.float32) * (n / num_partitions) * dim
-        block = tf.maximum(1, tf.cast(self.max_candidates / per_query, tf.int32))
-
-        def search_block(q):
-            _, probed = tf.math.top_k(-l2_ranking_scores(q, centroids, c_sq), k=probes)
-            starts = tf.gather(offsets, probed)
-            lengths = tf.gather(offsets, probed + 1) - starts
-            row_lengths = tf.reduce_sum(lengths, axis=1)
-
-            def ivf():
-                flat_starts = tf.reshape(starts, [-1])
-                positions = tf.ragged.range(
-                    flat_starts, flat_starts + tf.reshape(lengths, [-1])
-                ).flat_values
-                candidates = tf.gather(ids, positions)
-                owner = tf.repeat(tf.range(tf.shape(q)[0]), row_lengths)
-                diff = tf.gather(keys, candidates) - tf.gather(q, owner)
-                dist = tf.reduce_sum(tf.square(diff), axis=-1)
-                dist = tf.RaggedTensor.from_row_lengths(dist, row_lengths).to_tensor(np.inf)
-                cand = tf.RaggedTensor.from_row_lengths(candidates, row_lengths).to_tensor(0)
-                _, top = tf.math.top_k(-dist, k=k)
-                return tf.gather(cand, top, batch_dims=1)
-
-            return tf.cond(tf.reduce_min(row_lengths) >= k, ivf, lambda: self.exact._search(q, k))
-
-        m = tf.shape(queries)[0]
-
-        def search_all():
-            results = tf.TensorArray(tf.int32, size=0, dynamic_size=True, infer_shape=False)
-
-            def body(i, start, results):
-                q = queries[start : start + block]
-                return i + 1, start + block, results.write(i, search_block(q))
-
-            _, _, results = tf.while_loop(
-                lambda i, start, _: start < m,
-                body,
-                (tf.constant(0), tf.constant(0), results),
-                parallel_iterations=1,
-            )
-            return tf.reshape(results.concat(), [m, k])
-
-        return tf.cond(m > 0, search_all, lambda: tf.zeros([0, k], tf.int32))
-
+from keras_resmem.api_export import keras_resmem_export
+from keras_resmem.search.base import SearchBackend, _Searcher, known_options
 
 # ScaNN's search ops only read their searcher. Declared so, TensorFlow's
 # automatic control dependencies stop serialising them, and the query shards
@@ -397,7 +34,12 @@ def _scann_ops():
     try:
         from tensorflow.python.framework import auto_control_deps_utils
     except ImportError:  # pragma: no cover - a TensorFlow without this module
-        pass  # shards still give the right answer, one after another
+        warnings.warn(
+            "This TensorFlow has no `auto_control_deps_utils`: ScaNN's query shards will run "
+            "one after another, not in parallel (the answers are the same).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     else:
         for op_type in _SCANN_READ_ONLY_OPS:
             auto_control_deps_utils.register_read_only_resource_op(op_type)
@@ -470,13 +112,7 @@ def resolve_scann_options(memory_size, key_dim, options=None):
     Raises:
         ValueError: an unknown option name or a bad value.
     """
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(SCANN_OPTIONS))
-    if unknown:
-        raise ValueError(
-            f"Unknown ScaNN option(s) {unknown}. Valid options: {sorted(SCANN_OPTIONS)}. "
-            f"Received: scann_options={options!r}"
-        )
+    options = known_options("ScaNN", options, SCANN_OPTIONS, "scann_options")
     opts = default_scann_options(memory_size, key_dim)
     if opts["brute_force"] and options.get("brute_force") is False:
         opts = default_scann_options(20_000, key_dim)  # a tree for a small memory
@@ -596,11 +232,13 @@ class ScannSearch(_Searcher):
     min_shard_size = 64
 
     @classmethod
-    def build(cls, keys, options=None):
+    def build(cls, keys, options=None, shared_name=None):
         """Builds the index of `keys` `(n, d)` (see `resolve_scann_options`).
 
         `keys` may be an array, a tensor or a variable; a variable's values
-        are handed to ScaNN in place, not copied first.
+        are handed to ScaNN in place, not copied first. With `shared_name`
+        the index is created under that name and the caller owns it (see
+        `ScaNN`); without, the searcher owns it and frees it when collected.
         """
         scann_ops = _scann_ops()
         keys = tf.convert_to_tensor(keys, tf.float32)
@@ -620,6 +258,8 @@ class ScannSearch(_Searcher):
                 builder = builder.score_brute_force()
             else:
                 builder = builder.score_ah(opts["dimensions_per_block"]).reorder(opts["reorder"])
+        if shared_name is not None:
+            return cls(builder.build(shared_name=shared_name).searcher_handle, opts)
         return cls._owning(builder.build().searcher_handle, opts)
 
     @classmethod
@@ -687,7 +327,7 @@ class ScannSearch(_Searcher):
         leaves = self.leaves_to_search
         if tf.executing_eagerly():
             pre = max(int(k), int(reorder)) if reorder else -1
-            return pre, -1 if leaves is None else int(leaves)
+            return pre, -1 if leaves is None else int(np.asarray(leaves))
         pre = tf.maximum(k, int(reorder)) if reorder else tf.constant(-1)
         return pre, tf.constant(-1) if leaves is None else tf.cast(leaves, tf.int32)
 
@@ -730,7 +370,8 @@ class ScannSearch(_Searcher):
                 np.save(os.path.join(dir_path, f"{name}.npy"), value, allow_pickle=False)
 
     @classmethod
-    def load(cls, dir_path, keys, options):
+    def load(cls, dir_path, keys, options, shared_name=None):
+        """Reads what `save` wrote; `shared_name` as for `build`."""
         tensors = {}
         for name, dtype in _SCANN_TENSORS:
             if dtype == tf.string:
@@ -750,11 +391,13 @@ class ScannSearch(_Searcher):
         handle = _scann_ops().tensors_to_scann(
             tf.convert_to_tensor(keys),
             **tensors,
-            # A unique name per index: the op's kernel keeps the first searcher
-            # it made, and an eager call with the same attributes reuses that
-            # kernel, so a second load would otherwise return the first index.
-            shared_name=f"keras_resmem_scann_{uuid.uuid4().hex}",
+            # A unique name per index, unless the caller owns the name: the
+            # op's kernel keeps the searcher it made while it exists, and an
+            # eager call with the same attributes reuses that kernel.
+            shared_name=shared_name or f"keras_resmem_scann_{uuid.uuid4().hex}",
         )
+        if shared_name is not None:
+            return cls(handle, options)
         return cls._owning(handle, options)
 
 
@@ -800,3 +443,194 @@ class SavedScannSearch(tf.Module):
     search = ScannSearch._search
     _search_shard = ScannSearch._search_shard
     _search_depth = ScannSearch._search_depth
+
+
+@keras_resmem_export("keras_resmem.search.ScaNN")
+class ScaNN(SearchBackend):
+    """Approximate search with ScaNN, through ScaNN's TensorFlow ops.
+
+    For memories too large for exact search. An exported model holds
+    ScaNN's custom ops, so it needs a ScaNN-enabled TensorFlow Serving build
+    (`export_saved_model(..., mode="scann")`); for stock serving use `IVF`.
+    Options left `None` take the defaults of
+    `keras_resmem.search.default_scann_options`, which depend on the
+    memory's size. `leaves_to_search` can be changed at any time
+    (`memory.set_search_knob("leaves_to_search", 32)`), also in a compiled
+    model.
+
+    The index lives in TensorFlow's resource manager under a name of its
+    own, which the compiled graphs look it up by: when the memory is filled
+    again or its weights are loaded, the index is rebuilt under that name,
+    and every compiled `predict` searches the new one.
+
+    Args:
+        brute_force: score every entry (no tree); the default below 20,000 entries.
+        num_leaves: the k-means leaves of the tree.
+        num_leaves_to_search: the leaves searched per query, as built into the index.
+        training_sample_size: the k-means training sample.
+        min_partition_size: k-means re-seeds a leaf given fewer training keys.
+        scoring: `"exact"` (float32 distances) or `"ah"` (asymmetric hashing).
+        dimensions_per_block, reorder: `"ah"` only.
+        leaves_to_search: `None` (the index's own `num_leaves_to_search`), or
+            the leaves searched per query at search time.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras_resmem
+    >>> search = keras_resmem.search.ScaNN(brute_force=True)
+    >>> memory = keras_resmem.ResidualMemory(k=2, search=search)
+    >>> x = np.random.default_rng(0).normal(size=(100, 8))
+    >>> memory.memorize(x, np.zeros((100, 3)), np.arange(100) % 3)
+    >>> memory.search_backend
+    'scann'
+    """
+
+    name = "scann"
+    portable = False
+    custom_op_namespaces = ("Scann",)
+    knobs = ("leaves_to_search",)
+
+    def __init__(
+        self,
+        brute_force=None,
+        num_leaves=None,
+        num_leaves_to_search=None,
+        training_sample_size=None,
+        min_partition_size=None,
+        scoring=None,
+        dimensions_per_block=None,
+        reorder=None,
+        leaves_to_search=None,
+    ):
+        self.options = {
+            "brute_force": brute_force,
+            "num_leaves": num_leaves,
+            "num_leaves_to_search": num_leaves_to_search,
+            "training_sample_size": training_sample_size,
+            "min_partition_size": min_partition_size,
+            "scoring": scoring,
+            "dimensions_per_block": dimensions_per_block,
+            "reorder": reorder,
+        }
+        # Unknown names and bad values fail now, not after a pass over the data.
+        resolve_scann_options(1_000_000, 2, self.options)
+        self._leaves_value = self._check_leaves(leaves_to_search)
+        self._resolved = None
+        self._leaves = None
+        self._kernel = None
+        self._lock = threading.RLock()
+        # One name for this memory's index, for its whole life (see the docstring).
+        self._shared_name = f"keras_resmem_scann_{uuid.uuid4().hex}"
+        self._handle = None
+
+    @staticmethod
+    def _check_leaves(value):
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(
+                "ScaNN option `leaves_to_search` must be a positive integer or None. "
+                f"Received: leaves_to_search={value!r}"
+            )
+        return int(value)
+
+    def get_config(self):
+        leaves = self._leaves_value
+        if self._leaves is not None:
+            leaves = int(self._leaves.numpy())
+            leaves = None if leaves < 0 else leaves
+        return {**self.options, "leaves_to_search": leaves}
+
+    def resolve(self, memory_size, key_dim):
+        self._resolved = resolve_scann_options(memory_size, key_dim, self.options)
+        return self
+
+    def build(self, keys, add_weight, initializer):
+        super().build(keys, add_weight, initializer)
+        # -1: the leaves the index was built to search.
+        self._leaves = add_weight(
+            name="leaves_to_search", shape=(), dtype="int32", initializer="zeros", trainable=False
+        )
+        self._leaves.assign(-1 if self._leaves_value is None else self._leaves_value)
+
+    def _install(self, make_kernel):
+        """Replaces the index under this backend's name (the old one is freed first)."""
+        with self._lock:
+            with tf.init_scope():
+                if self._handle is not None:
+                    _destroy_resource(self._handle)
+                    self._kernel = None
+                kernel = make_kernel()
+                kernel.leaves_to_search = self._leaves
+                if self._handle is None:
+                    # Frees the index when the backend is collected; by name,
+                    # so whichever index then holds the name.
+                    weakref.finalize(self, _destroy_resource, kernel.handle).atexit = False
+                self._handle, self._kernel = kernel.handle, kernel
+
+    def fit(self, verbose=0):
+        self._install(
+            lambda: ScannSearch.build(self.keys, self._resolved, shared_name=self._shared_name)
+        )
+
+    def _ensure_kernel(self):
+        if self._kernel is None:
+            # Loaded without its index (e.g. from a weights file): rebuild the
+            # index from the keys, eagerly, once; one thread builds it while
+            # the others wait for it.
+            with self._lock:
+                if self._kernel is None:
+                    self.fit()
+        return self._kernel
+
+    def search(self, queries, k):
+        return self._ensure_kernel().search(queries, k)
+
+    def keys_changed(self):
+        if self._kernel is not None:
+            # A live memory's weights were loaded: compiled graphs search
+            # this name, so the new index must be under it now.
+            self.fit()
+
+    def save_assets(self, dir_path):
+        self._ensure_kernel().save(dir_path)
+
+    def load_assets(self, dir_path):
+        self._install(
+            lambda: ScannSearch.load(
+                dir_path, self.keys, self._resolved, shared_name=self._shared_name
+            )
+        )
+
+    def storage_bytes(self):
+        return sum(_tensor_bytes(t) for t in self._ensure_kernel().index_tensors().values())
+
+    def get_knob(self, name):
+        if name != "leaves_to_search":
+            return super().get_knob(name)
+        if self._leaves is None:
+            return self._leaves_value
+        if not tf.executing_eagerly():
+            return tf.convert_to_tensor(self._leaves)
+        value = int(self._leaves.numpy())
+        return None if value < 0 else value
+
+    def set_knob(self, name, value):
+        if name != "leaves_to_search":
+            return super().set_knob(name, value)
+        self._leaves_value = self._check_leaves(value)
+        if self._leaves is not None:
+            self._leaves.assign(-1 if value is None else self._leaves_value)
+
+    def for_export(self):
+        saved = SavedScannSearch(self._ensure_kernel(), self.keys)
+        saved.leaves_to_search = self._leaves  # the memory's variable: a knob when served
+        return saved, [saved]
+
+
+def _tensor_bytes(tensor):
+    array = np.asarray(tensor)
+    if array.dtype == object:  # tf.string: serialized protos
+        return sum(len(b) for b in array.reshape(-1))
+    return int(array.nbytes)
