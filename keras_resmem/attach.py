@@ -250,7 +250,10 @@ def attach_memory(
 
     Returns:
         A `keras.Model` whose output is the ResMem prediction. Its memory layer
-        is `model.get_layer("residual_memory")`.
+        is `model.get_layer("residual_memory")`. It is compiled for that
+        output, so `evaluate` works: classification with sparse categorical
+        cross-entropy on probabilities and accuracy (integer labels);
+        regression with mean squared and mean absolute error.
 
     Raises:
         TypeError: `model` is not a functional or Sequential Keras model.
@@ -307,6 +310,9 @@ def attach_memory(
     predict = tf.function(
         lambda x: features(x, training=False), reduce_retracing=True, autograph=False
     )
+    # One function per call of `attach_memory`, each traced once: that is not
+    # the retracing TensorFlow warns about, so do not let it warn.
+    predict._omit_frequent_tracing_warning = True
     dataset = _as_dataset(data, batch_size, len(model.inputs[0].shape))
     positions = None if None in output.shape[1:-1] else math.prod(output.shape[1:-1])
     writer = memory._writer(capacity=_num_entries(data, positions))
@@ -331,4 +337,14 @@ def attach_memory(
         )
     memory._fill(writer.finish(), verbose=verbose)
     prediction = memory([embedding, output])
-    return keras.Model(model.inputs, prediction, name=name or f"{model.name}_resmem")
+    resmem = keras.Model(model.inputs, prediction, name=name or f"{model.name}_resmem")
+    # Compiled for its output, probabilities (not the base model's logits), so that
+    # `evaluate` works and no loss written for logits is reused by mistake.
+    if task == "classification":
+        resmem.compile(
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=False),
+            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        )
+    else:
+        resmem.compile(loss="mean_squared_error", metrics=["mean_absolute_error"])
+    return resmem

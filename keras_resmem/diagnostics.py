@@ -234,12 +234,14 @@ def plot_changed_examples(
 
     Each row shows one example (true class, DeepNet's class, ResMem's class)
     and its `neighbors_shown` nearest memory entries with their labels and
-    weights. Fixed examples come first.
+    weights. Fixed examples come first. Images are drawn as images; rows of
+    tabular features `(d,)` as a bar per feature.
 
     Args:
         examples: `ChangedExample`s with neighbours (from `changed_examples`).
-        images: the evaluated images, indexed by `ChangedExample.index`.
-        memory_images: the training images, indexed by memory id.
+        images: the evaluated images (or feature rows), indexed by
+            `ChangedExample.index`.
+        memory_images: the training images (or feature rows), indexed by memory id.
         path: the PNG file to write (atomically).
         max_rows: at most this many examples.
         neighbors_shown: neighbours per row.
@@ -306,10 +308,21 @@ def plot_changed_examples(
     return path
 
 
-def _show(ax, image):
-    image = np.asarray(image)
-    if image.ndim == 3 and image.shape[-1] == 1:
-        image = image[..., 0]
-    ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+def _show(ax, row):
+    """An image as an image; a feature row (tabular data) as a bar per feature."""
+    row = np.asarray(row)
+    if row.ndim == 3 and row.shape[-1] == 1:
+        row = row[..., 0]
+    if row.ndim == 1:
+        ax.bar(np.arange(len(row)), row, width=1.0, color="0.3")
+        ax.axhline(0, color="0.7", linewidth=0.5)
+    elif row.ndim == 2 or (row.ndim == 3 and row.shape[-1] in (3, 4)):
+        ax.imshow(row, cmap="gray" if row.ndim == 2 else None)
+    else:
+        raise ValueError(
+            "plot_changed_examples draws images (h, w), (h, w, 1), (h, w, 3) or (h, w, 4), "
+            f"and feature rows (d,) as bars. Received an example of shape {row.shape}; "
+            "pass one of those (for example, a reshaped view) as `images` and `memory_images`."
+        )
     ax.set_xticks([])
     ax.set_yticks([])

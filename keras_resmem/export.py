@@ -1,6 +1,7 @@
 """`export_saved_model`: a ResMem model as a SavedModel for TensorFlow Serving."""
 
 import os
+import re
 
 import keras
 import tensorflow as tf
@@ -53,9 +54,13 @@ def _check_mode(mode, memory):
 
 
 def _input_names(model):
-    """The signature's input names: each `keras.Input`'s name, `inputs` if unnamed."""
-    names = [t.name for t in model.inputs]
-    unnamed = [name.startswith("keras_tensor") for name in names]
+    """The signature's input names: each `keras.Input(name=...)`, `inputs` if unnamed.
+
+    Read from the input layers, whose names survive a `.keras` round trip
+    (the input tensors' do not), so two exports of one model agree.
+    """
+    names = [t._keras_history.operation.name for t in model.inputs]
+    unnamed = [re.fullmatch(r"input_layer(_\d+)?", name) is not None for name in names]
     if len(names) == 1:
         return ["inputs" if unnamed[0] else names[0]]
     return [f"inputs_{i}" if u else n for i, (n, u) in enumerate(zip(names, unnamed, strict=True))]

@@ -202,3 +202,34 @@ def test_memory_from_a_dataset_of_unknown_size_is_read_without_copying_it(rng):
     assert memory.memory_size == len(x)
     for table in (memory.keys, memory.memory_scores, memory.memory_targets):
         assert read_shares_the_buffer(table), table.path
+
+
+def test_returned_model_is_compiled_for_probabilities(rng):
+    x, y = toy_data(rng)
+    base = functional_model()
+    base.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model = keras_resmem.attach_memory(base, "pre_logits", (x, y), k=5, verbose=0)
+    loss, accuracy = model.evaluate(x, y, verbose=0)
+    probs = model.predict(x, verbose=0)
+    ce = keras.losses.sparse_categorical_crossentropy
+    # The loss of probabilities, not of logits (the base model's loss would be wrong).
+    np.testing.assert_allclose(loss, np.mean(ce(y, probs, from_logits=False)), rtol=1e-4)
+    assert abs(loss - np.mean(ce(y, probs, from_logits=True))) > 0.1
+    assert accuracy == pytest.approx(float((probs.argmax(-1) == y).mean()))
+    regression = keras_resmem.attach_memory(
+        base, "pre_logits", (x, rng.normal(size=(len(x), 3))), task="regression", verbose=0
+    )
+    assert set(regression.evaluate(x, rng.normal(size=(len(x), 3)), return_dict=True)) == {
+        "loss",
+        "mean_absolute_error",
+    }
+
+
+def test_attaching_several_memories_prints_no_retracing_warning(rng, caplog):
+    x, y = toy_data(rng, n=200)
+    base = functional_model()
+    with caplog.at_level("WARNING", logger="tensorflow"):
+        for k in range(1, 8):
+            model = keras_resmem.attach_memory(base, "pre_logits", (x, y), k=k, verbose=0)
+            model.get_layer("residual_memory").neighbors(np.zeros((3, 6), "float32"))
+    assert not [r for r in caplog.records if "retracing" in r.getMessage()]

@@ -100,3 +100,21 @@ def test_neighbors_and_figure_from_a_resmem_model(rng, tmp_path):
         diagnostics.plot_changed_examples(
             diagnostics.changed_examples(y[:10], deepnet, resmem), x, x, tmp_path / "f.png"
         )
+
+
+def test_plot_changed_examples_draws_feature_rows_and_refuses_other_shapes(tmp_path):
+    changed = diagnostics.changed_examples(
+        [1, 0], [0, 0], [1, 1], neighbor_ids=[[2, 3], [3, 2]],
+        neighbor_weights=[[0.6, 0.4], [0.5, 0.5]], memory_labels=[0, 0, 1, 1],
+    )  # fmt: skip
+    rows = np.random.default_rng(0).normal(size=(4, 16))  # tabular: 16 features
+    path = diagnostics.plot_changed_examples(
+        changed, rows[:2], rows, str(tmp_path / "rows.png"), neighbors_shown=2
+    )
+    assert path.endswith("rows.png")
+    volumes = np.zeros((4, 2, 3, 5, 7))
+    with pytest.raises(ValueError, match=r"Received an example of shape \(2, 3, 5, 7\)"):
+        diagnostics.plot_changed_examples(
+            changed, volumes[:2], volumes, str(tmp_path / "v.png"), neighbors_shown=2
+        )
+    assert not (tmp_path / "v.png").exists()

@@ -281,3 +281,19 @@ def test_regression_and_two_input_models_export(rng, tmp_path):
     np.testing.assert_allclose(
         out["deepnet_scores"].numpy(), base.predict([xa[:5], xb[:5]], verbose=0), rtol=1e-5
     )
+
+
+def test_input_names_survive_a_keras_round_trip(rng, tmp_path):
+    x = rng.normal(size=(200, 4)).astype("float32")
+    y = rng.integers(0, 3, 200)
+    for input_name, served in ((None, "inputs"), ("features", "features")):
+        inputs = keras.Input((4,), name=input_name)
+        h = keras.layers.Dense(8, activation="relu", name="pre_logits")(inputs)
+        base = keras.Model(inputs, keras.layers.Dense(3)(h))
+        model = keras_resmem.attach_memory(base, "pre_logits", (x, y), search="exact", verbose=0)
+        path = str(tmp_path / f"{served}.keras")
+        model.save(path)
+        for i, m in enumerate((model, keras.saving.load_model(path))):
+            out = keras_resmem.export_saved_model(m, str(tmp_path / f"{served}_{i}"))
+            signature = tf.saved_model.load(out).signatures["serving_default"]
+            assert list(signature.structured_input_signature[1]) == [served]

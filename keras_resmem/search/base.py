@@ -199,6 +199,8 @@ class _Searcher:
             return ids
         if self._compiled is None:
             self._compiled = tf.function(self._search, reduce_retracing=True, autograph=False)
+            # One per searcher (per memory), not a function traced again and again.
+            self._compiled._omit_frequent_tracing_warning = True
         return self._compiled(queries, k)
 
     def _search_eagerly(self, queries, k):
