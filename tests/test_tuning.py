@@ -2,6 +2,7 @@ import keras
 import keras_tuner
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_resmem
 from keras_resmem import tuning
@@ -120,3 +121,53 @@ def test_bad_tuner_arguments(rng, tmp_path):
         keras_resmem.tuning.ResMemTuner(model, val, fpr_bound=5, directory=tmp_path)
     with pytest.raises(ValueError, match="has no layer 'memory'"):
         keras_resmem.tuning.ResMemTuner(model, val, memory_layer="memory", directory=tmp_path)
+
+
+def test_tuner_for_regression_minimises_mse(rng, tmp_path):
+    x = rng.normal(size=(400, 4)).astype("float32")
+    y = np.stack([np.sin(3 * x[:, 0]), x[:, 1] ** 2], axis=1).astype("float32")
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(8, activation="relu", name="pre_logits")(inputs)
+    base = keras.Model(inputs, keras.layers.Dense(2)(h))
+    model = keras_resmem.attach_memory(
+        base, "pre_logits", (x[:300], y[:300]), task="regression", verbose=0
+    )
+    tuner = keras_resmem.tuning.ResMemTuner(
+        model, (x[300:], y[300:]), max_trials=5, seed=0, directory=str(tmp_path),
+        tensorboard=False,
+    )  # fmt: skip
+    tuner.search(verbose=0)
+    trials = sorted(tuner.oracle.trials.values(), key=lambda t: t.score)
+    assert [t.status for t in trials] == ["COMPLETED"] * 5
+    best = tuner.oracle.get_best_trials(1)[0]
+    assert best.score == trials[0].score  # the lowest MSE wins
+    predictions = tuner.get_best_models(1)[0].predict(x[300:], verbose=0)
+    np.testing.assert_allclose(np.mean((predictions - y[300:]) ** 2), best.score, rtol=1e-4)
+    with pytest.raises(ValueError, match="val_mse"):
+        keras_resmem.tuning.ResMemTuner(
+            model, (x[300:], y[300:]), objective="val_accuracy", directory=str(tmp_path)
+        )
+
+
+def test_tuner_takes_tf_data_and_one_hot_labels(rng, tmp_path):
+    x = rng.normal(size=(400, 4)).astype("float32")
+    y = rng.integers(0, 3, 400)
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(8, activation="relu", name="pre_logits")(inputs)
+    model = keras_resmem.attach_memory(
+        keras.Model(inputs, keras.layers.Dense(3)(h)), "pre_logits", (x[:300], y[:300]), verbose=0
+    )
+    scores = {}
+    for name, data in {
+        "arrays": (x[300:], y[300:]),
+        "one_hot": (x[300:], np.eye(3)[y[300:]]),
+        "dataset": tf.data.Dataset.from_tensor_slices((x[300:], y[300:])).batch(32),
+        "unbatched": tf.data.Dataset.from_tensor_slices((x[300:], np.eye(3)[y[300:]])),
+    }.items():
+        tuner = keras_resmem.tuning.ResMemTuner(
+            model, data, max_trials=3, seed=1, directory=str(tmp_path), project_name=name,
+            tensorboard=False,
+        )  # fmt: skip
+        tuner.search(verbose=0)
+        scores[name] = sorted(t.score for t in tuner.oracle.trials.values())
+    assert all(s == scores["arrays"] for s in scores.values()), scores

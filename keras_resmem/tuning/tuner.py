@@ -9,8 +9,9 @@ import tensorflow as tf
 
 from keras_resmem import residuals as residuals_lib
 from keras_resmem.api_export import keras_resmem_export
+from keras_resmem.attach import _as_dataset, _class_ids
+from keras_resmem.tuning import objectives
 from keras_resmem.tuning.neighbor_cache import NeighborCache
-from keras_resmem.tuning.objectives import OBJECTIVES, trial_metrics
 
 
 def _largest_value(hp):
@@ -30,7 +31,9 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
     already built: the network runs once over the validation set, and the
     memory is searched once for the largest `k` of the space; each trial only
     recombines the cached neighbours' residuals. Any Keras Tuner oracle
-    (random, grid, Bayesian) can drive it. Trials report `val_accuracy`,
+    (random, grid, Bayesian) can drive it. Regression trials report
+    `val_mse`, `val_mae` and DeepNet's `val_deepnet_mse`; classification
+    trials report `val_accuracy`,
     `val_gain` (ResMem minus DeepNet), `val_tpr`, `val_fpr` and
     `val_tpr_at_fpr`: the TPR where FPR < `fpr_bound`, and `-FPR` otherwise,
     so a setting that breaks the bound ranks below every one that keeps it
@@ -45,10 +48,12 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
 
     Args:
         model: the model returned by `keras_resmem.attach_memory`.
-        validation_data: `(x_val, y_val)`, carved from the training data;
-            `y_val` integer class ids.
-        objective: with no `oracle`: `"val_accuracy"`, `"val_gain"` or
-            `"val_tpr_at_fpr"`.
+        validation_data: carved from the training data, in any form
+            `attach_memory` takes: arrays `(x_val, y_val)` or a `tf.data.Dataset`
+            of `(x, y)`; integer or one-hot labels (regression: targets).
+        objective: with no `oracle`: classification `"val_accuracy"` (the
+            default), `"val_gain"` or `"val_tpr_at_fpr"` (maximised);
+            regression `"val_mse"` (the default) or `"val_mae"` (minimised).
         fpr_bound: the FPR bound of `val_tpr_at_fpr` (the paper's 0.05).
         method: `"resmem"`, `"knn"`, `"interpolation"`, or a list of them to
             choose among.
@@ -90,7 +95,7 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
         model,
         validation_data,
         *,
-        objective="val_accuracy",
+        objective=None,
         method="resmem",
         fpr_bound=0.05,
         oracle=None,
@@ -121,13 +126,23 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
         self.methods = methods
         if not (isinstance(fpr_bound, float | int) and 0 < fpr_bound <= 1):
             raise ValueError(f"`fpr_bound` must be in (0, 1]. Received: fpr_bound={fpr_bound!r}")
+        regression = self.memory.task == "regression"
+        valid = (
+            objectives.REGRESSION_OBJECTIVES
+            if regression
+            else (objectives.CLASSIFICATION_OBJECTIVES)
+        )
         if oracle is None:
-            if objective not in OBJECTIVES:
+            objective = objective or valid[0]
+            if objective not in valid:
                 raise ValueError(
-                    f"`objective` must be one of {OBJECTIVES}. Received: objective={objective!r}"
+                    f"`objective` must be one of {valid} for a {self.memory.task} memory. "
+                    f"Received: objective={objective!r}"
                 )
             oracle = keras_tuner.oracles.RandomSearchOracle(
-                objective=keras_tuner.Objective(objective, direction="max"),
+                objective=keras_tuner.Objective(
+                    objective, direction=objectives.direction(objective)
+                ),
                 max_trials=max_trials,
                 seed=seed,
             )
@@ -154,7 +169,11 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
 
     def _required_names(self):
         names = {"k", "sigma"}
-        if self.memory.task == "classification" and set(self.methods) - {"knn"}:
+        # A sparse memory's ResMem temperature is fixed when it is built.
+        uses_temperature = {"interpolation"} | (
+            set() if self.memory.sparse_residuals is not None else {"resmem"}
+        )
+        if self.memory.task == "classification" and uses_temperature & set(self.methods):
             names.add("temperature")
         if "interpolation" in self.methods:
             names.add("knn_weight")
@@ -165,9 +184,9 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
     def default_hyperparameters(self):
         """k in [1, 200] and sigma, T on log scales; sigma around the memory's spacing.
 
-        A sparse memory's temperature is fixed when it is built, so it is
-        fixed here too. With interpolation, `knn_weight` in [0, 1]; with
-        several methods, a `method` choice.
+        A sparse memory's temperature is fixed when it is built, so ResMem on
+        it tunes only `k` and `sigma`. With interpolation, `knn_weight` in
+        [0, 1]; with several methods, a `method` choice.
         """
         hp = keras_tuner.HyperParameters()
         scale = self._distance_scale()
@@ -177,10 +196,7 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
         hp.Int("k", 1, min(200, self.memory.memory_size), sampling="log")
         hp.Float("sigma", scale / 20, scale * 20, sampling="log")
         if "temperature" in names:
-            if self.memory.sparse_residuals is not None:
-                hp.Fixed("temperature", self.memory.temperature)
-            else:
-                hp.Float("temperature", 0.1, 5.0, sampling="log")
+            hp.Float("temperature", 0.1, 5.0, sampling="log")
         if "knn_weight" in names:
             hp.Float("knn_weight", 0.0, 1.0)
         return hp
@@ -189,7 +205,9 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
         """The `NeighborCache.predict` (and memory attribute) settings of a trial."""
         method = values.get("method", self.methods[0])
         settings = {"method": method, "k": values["k"], "sigma": values["sigma"]}
-        if method != "knn" and "temperature" in values:
+        if method == "resmem" and self.memory.sparse_residuals is not None:
+            settings["temperature"] = self.memory.temperature
+        elif method != "knn" and "temperature" in values:
             settings["temperature"] = values["temperature"]
         if method == "interpolation":
             settings["knn_weight"] = values["knn_weight"]
@@ -208,20 +226,44 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
         super().on_search_begin()
         if self._cache is not None:
             return
-        x_val, y_val = self.validation_data
-        features = keras.Model(self.model.inputs, self.memory.input)
-        embeddings, scores = features.predict(x_val, batch_size=self.batch_size, verbose=0)
+        embeddings, scores, y_val = self._validation_outputs()
         k_space = next(hp for hp in self.oracle.get_space().space if hp.name == "k")
         max_k = int(_largest_value(k_space))
         self._cache = NeighborCache(
             self.memory, embeddings, scores, max_k, batch_size=self.batch_size
         )
-        self._y_val = np.asarray(y_val).reshape(-1)
-        self._deepnet_classes = scores.argmax(-1)
+        num_outputs = self.memory.num_outputs
+        scores = scores.reshape(-1, num_outputs)
+        if self.memory.task == "regression":
+            self._y_val = y_val.reshape(-1, num_outputs).astype(np.float32)
+            self._deepnet = scores
+        else:
+            self._y_val = _class_ids(y_val.reshape(len(scores), -1), num_outputs, 0).reshape(-1)
+            self._deepnet = scores.argmax(-1)
+
+    def _validation_outputs(self):
+        """The network's embeddings and outputs on the validation data, and its labels.
+
+        The same forms as `attach_memory`: arrays `(x, y)`, or a `tf.data.Dataset`
+        of `(x, y)` (batched or not), read once; integer or one-hot labels.
+        """
+        features = keras.Model(self.model.inputs, self.memory.input)
+        data = self.validation_data
+        dataset = _as_dataset(data, self.batch_size, len(self.model.inputs[0].shape))
+        parts = [[], [], []]
+        for batch in dataset:
+            for part, value in zip(parts, (*features.predict_on_batch(batch[0]), batch[1]),
+                                   strict=True):  # fmt: skip
+                part.append(np.asarray(value))
+        if not parts[0]:
+            raise ValueError("`validation_data` is empty.")
+        return tuple(np.concatenate(part) for part in parts)
 
     def run_trial(self, trial, *args, **kwargs):
         scores = self._cache.predict(**self._trial_settings(trial.hyperparameters.values))
-        metrics = trial_metrics(self._y_val, self._deepnet_classes, scores, self.fpr_bound)
+        metrics = objectives.trial_metrics(
+            self._y_val, self._deepnet, scores, self.fpr_bound, task=self.memory.task
+        )
         if self.tensorboard:
             self._log_tensorboard(trial, metrics)
         return metrics
