@@ -36,27 +36,120 @@ def _check_model(model):
         )
 
 
-def _embedding_tensor(model, layer_name):
-    names = [layer.name for layer in model.layers]
-    if not isinstance(layer_name, str) or layer_name not in names:
+def _graph(model):
+    """The functional graph of a model (a Sequential model keeps one inside)."""
+    return getattr(model, "_functional", None) or model
+
+
+def _layer_paths(model, prefix=""):
+    """`{path: layer}` for every layer of `model`, nested models' layers as `outer/inner`."""
+    paths = {}
+    for layer in model.layers:
+        paths[prefix + layer.name] = layer
+        if isinstance(layer, keras.Model) and hasattr(_graph(layer), "_nodes_by_depth"):
+            paths.update(_layer_paths(layer, f"{prefix}{layer.name}/"))
+    return paths
+
+
+def _resolve_layer_path(model, layer_name):
+    """The path of `layer_name`: itself, or the one nested layer of that name."""
+    paths = _layer_paths(model)
+    if isinstance(layer_name, str) and layer_name in paths:
+        return layer_name
+    matches = [
+        p for p in paths if isinstance(layer_name, str) and p.rsplit("/", 1)[-1] == layer_name
+    ]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
         raise ValueError(
-            f"`layer_name` must name a layer of model {model.name!r}. "
-            f"Received: layer_name={layer_name!r}. Valid names: {names}"
+            f"`layer_name`={layer_name!r} names several nested layers: {matches}. "
+            "Give its path, `outer/inner`."
         )
-    layer = model.get_layer(layer_name)
-    try:
-        output = layer.output
-    except (AttributeError, ValueError) as e:
+    raise ValueError(
+        f"`layer_name` must name a layer of model {model.name!r}, or a layer inside one of "
+        f"its nested models (as `outer/inner`). Received: layer_name={layer_name!r}. "
+        f"Valid names: {list(paths)}"
+    )
+
+
+def _calls_in(model, layer):
+    """The nodes where `model`'s graph calls `layer`."""
+    own = {id(n) for nodes in _graph(model)._nodes_by_depth.values() for n in nodes}
+    return [n for n in layer._inbound_nodes if id(n) in own]
+
+
+def _node_outputs(model, layer, layer_name):
+    """The output of `layer`'s one call inside `model`'s graph."""
+    nodes = _calls_in(model, layer)
+    if len(nodes) != 1:
         raise ValueError(
-            f"Layer {layer_name!r} has no single output to use as the embedding "
-            f"(is it shared, or called more than once?): {e}"
-        ) from None
-    if isinstance(output, (list, tuple, dict)):
+            f"Layer {layer_name!r} has no single output to use as the embedding: it is "
+            f"called {len(nodes)} times in model {model.name!r} (a shared layer)."
+        )
+    outputs = nodes[0].output_tensors
+    if len(outputs) != 1:
         raise ValueError(
             f"Layer {layer_name!r} has several outputs; choose a layer with one output "
             "as the embedding."
         )
-    return output
+    return outputs[0]
+
+
+def _key_and_output(model, layer_name):
+    """The key layer's output and the model's output, as tensors of one graph on `model.inputs`.
+
+    A layer of `model`, or a nested model (a transfer-learning backbone), is
+    read where `model` calls it. For a layer inside a nested model the graph
+    is run again with that nested model inlined (its layers called directly,
+    sharing their weights), so that the layer's output is in the graph and
+    every layer appears once, which a `.keras` file needs.
+    """
+    path = _resolve_layer_path(model, layer_name).split("/")
+    if len(path) == 1:
+        return _node_outputs(model, model.get_layer(path[0]), layer_name), model.outputs[0]
+    parent = model
+    for depth, name in enumerate(path[:-1]):
+        child = parent.get_layer(name)
+        if len(_calls_in(parent, child)) != 1:
+            raise ValueError(
+                f"The nested model {'/'.join(path[: depth + 1])!r} is called more than once; "
+                "a key layer inside it needs it called once."
+            )
+        parent = child
+    outputs, key = _inline(model, list(model.inputs), path)
+    return key, outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+
+
+def _inline(functional, inputs, path):
+    """Runs `functional` on `inputs` layer by layer, the nested models on `path` inlined.
+
+    Returns:
+        `(outputs, key)`: the outputs, and the output of the layer at `path`.
+    """
+    found = []
+    head, rest = path[0], path[1:]
+
+    def operation_fn(operation):
+        if operation.name != head:
+            return operation
+        if not rest:
+
+            def record(*args, **kwargs):
+                found.append(operation(*args, **kwargs))
+                return found[-1]
+
+            return record
+
+        def inline(*args, **kwargs):
+            outputs, key = _inline(operation, list(args), rest)
+            found.append(key)
+            return outputs
+
+        return inline
+
+    outputs = _graph(functional)._run_through_graph(inputs, operation_fn=operation_fn)
+    return outputs, found[0]
 
 
 def _outputs_are_probabilities(output_tensor):
@@ -218,7 +311,11 @@ def attach_memory(
             class scores (logits, or a softmax) for classification, or
             predictions for regression.
         layer_name: the name of the layer whose output is the embedding (the
-            paper uses the pre-logit layer).
+            paper uses the pre-logit layer). It may be a nested model (a
+            transfer-learning backbone such as a `keras.applications`
+            model), or a layer inside one, by its name or its path
+            `"backbone/layer"`. For a layer inside a nested model the
+            returned model calls that nested model's layers directly (inlined).
         data: the training data: a `tf.data.Dataset` of `(x, y)` or
             `(x, y, sample_weight)` (batched or not), or a tuple of arrays.
             Labels are integer class ids or one-hot rows; regression targets
@@ -280,8 +377,7 @@ def attach_memory(
     batch_size = _validation.positive_int("batch_size", batch_size)
     if from_logits is not None:
         from_logits = _validation.boolean("from_logits", from_logits)
-    embedding = _embedding_tensor(model, layer_name)
-    output = model.outputs[0]
+    embedding, output = _key_and_output(model, layer_name)
     num_outputs = output.shape[-1]
     if task == "classification":
         if from_logits is None:
@@ -339,12 +435,15 @@ def attach_memory(
     prediction = memory([embedding, output])
     resmem = keras.Model(model.inputs, prediction, name=name or f"{model.name}_resmem")
     # Compiled for its output, probabilities (not the base model's logits), so that
-    # `evaluate` works and no loss written for logits is reused by mistake.
+    # `evaluate` works and no loss written for logits is reused by mistake. Plain
+    # SGD: it has no per-weight slots, so a saved, never-trained model reloads
+    # without Keras's "Skipping variable loading for optimizer" warning.
     if task == "classification":
         resmem.compile(
+            optimizer="sgd",
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=False),
             metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         )
     else:
-        resmem.compile(loss="mean_squared_error", metrics=["mean_absolute_error"])
+        resmem.compile(optimizer="sgd", loss="mean_squared_error", metrics=["mean_absolute_error"])
     return resmem

@@ -1,3 +1,5 @@
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -233,3 +235,41 @@ def test_attaching_several_memories_prints_no_retracing_warning(rng, caplog):
             model = keras_resmem.attach_memory(base, "pre_logits", (x, y), k=k, verbose=0)
             model.get_layer("residual_memory").neighbors(np.zeros((3, 6), "float32"))
     assert not [r for r in caplog.records if "retracing" in r.getMessage()]
+
+
+def _transfer_model(num_classes=3):
+    """A backbone model nested in the outer model, as transfer learning builds it."""
+    inputs = keras.Input((8,), name="image")
+    h = keras.layers.Dense(8, activation="relu", name="block1")(inputs)
+    h = keras.layers.Dense(6, activation="relu", name="block2")(h)
+    backbone = keras.Model(inputs, h, name="backbone")
+    outer = keras.Input((8,), name="x")
+    z = keras.layers.Dense(5, activation="tanh", name="head")(backbone(outer))
+    return keras.Model(outer, keras.layers.Dense(num_classes)(z), name="transfer")
+
+
+@pytest.mark.parametrize(
+    "layer_name,inner",
+    [("backbone", "block2"), ("block1", "block1"), ("backbone/block2", "block2")],
+)
+def test_key_layer_can_be_a_nested_model_or_inside_one(rng, tmp_path, layer_name, inner):
+    x, y = toy_data(rng)
+    base = _transfer_model()
+    model = keras_resmem.attach_memory(base, layer_name, (x, y), k=7, sigma=0.3, verbose=0)
+    backbone = base.get_layer("backbone")
+    keys = keras.Model(backbone.inputs, backbone.get_layer(inner).output).predict(x, verbose=0)
+    logits = base.predict(x, verbose=0)
+    want = ref.resmem_classification(keys, logits, y, keys[:50], logits[:50], 7, 0.3, 1.0)
+    np.testing.assert_allclose(model.predict(x[:50], verbose=0), want, atol=2e-5)
+    model.save(tmp_path / "transfer.keras")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no optimizer-loading warning from the compiled model
+        loaded = keras.saving.load_model(tmp_path / "transfer.keras")
+    np.testing.assert_allclose(loaded.predict(x[:50], verbose=0), want, atol=2e-5)
+
+
+def test_unknown_or_ambiguous_nested_layer_names(rng):
+    x, y = toy_data(rng)
+    base = _transfer_model()
+    with pytest.raises(ValueError, match=r"Valid names: \[.*'backbone/block1'"):
+        keras_resmem.attach_memory(base, "block9", (x, y), verbose=0)
