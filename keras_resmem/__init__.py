@@ -16,7 +16,7 @@ if keras.backend.backend() != "tensorflow":
         "KERAS_BACKEND=tensorflow before importing keras."
     )
 
-from keras_resmem import datasets, diagnostics, search, tuning  # noqa: E402
+from keras_resmem import callbacks, datasets, diagnostics, search, tuning  # noqa: E402
 from keras_resmem.attach import attach_memory  # noqa: E402
 from keras_resmem.diagnostics import Comparison, compare  # noqa: E402
 from keras_resmem.export import export_saved_model  # noqa: E402
@@ -28,6 +28,7 @@ __all__ = [
     "ResidualMemory",
     "__version__",
     "attach_memory",
+    "callbacks",
     "compare",
     "datasets",
     "diagnostics",

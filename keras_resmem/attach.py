@@ -7,7 +7,6 @@ import numpy as np
 import tensorflow as tf
 
 from keras_resmem import _validation
-from keras_resmem import residuals as residuals_lib
 from keras_resmem.api_export import keras_resmem_export
 from keras_resmem.residual_memory import ResidualMemory
 
@@ -265,6 +264,65 @@ def _batch_entries(step, emb, out, y, sample_weight, task):
     return keys[kept], out[kept], y[kept], int(kept.sum())
 
 
+def _new_memory(output, *, task, from_logits, **settings):
+    """An empty `ResidualMemory` for a model with `output`; `from_logits=None` detects it."""
+    num_outputs = output.shape[-1]
+    if task == "classification":
+        if from_logits is None:
+            from_logits = not _outputs_are_probabilities(output)
+        if num_outputs is None or num_outputs < 2:
+            raise ValueError(
+                "Classification needs one output per class (at least 2); the model's output "
+                f"has shape {output.shape}. For a single score use task='regression'."
+            )
+    return ResidualMemory(
+        task=task,
+        from_logits=True if from_logits is None else from_logits,
+        name="residual_memory",
+        **settings,
+    )
+
+
+def _predict_function(model, embedding, output):
+    """A compiled function from `model`'s inputs to `(embedding, output)`, in inference mode."""
+    features = keras.Model(model.inputs, [embedding, output])
+    predict = tf.function(
+        lambda x: features(x, training=False), reduce_retracing=True, autograph=False
+    )
+    # One function per memory, each traced once: that is not the retracing
+    # TensorFlow warns about, so do not let it warn.
+    predict._omit_frequent_tracing_warning = True
+    return predict
+
+
+def _fill_memory(memory, predict, data, model, output, *, batch_size, verbose):
+    """Runs the network over `data` once and fills `memory` (one streamed pass)."""
+    task, num_outputs = memory.task, output.shape[-1]
+    dataset = _as_dataset(data, batch_size, len(model.inputs[0].shape))
+    positions = None if None in output.shape[1:-1] else math.prod(output.shape[1:-1])
+    writer = memory._writer(capacity=_num_entries(data, positions))
+    cardinality = int(dataset.cardinality())
+    progbar = keras.utils.Progbar(
+        cardinality if cardinality > 0 else None, verbose=verbose, unit_name="batch"
+    )
+    seen = 0
+    for step, batch in enumerate(dataset):
+        x, y = batch[0], batch[1]
+        emb, out = (t.numpy() for t in predict(x))
+        keys, out, y, kept = _batch_entries(step, emb, out, np.asarray(y), batch[2:], task)
+        if task == "classification":
+            y = _class_ids(y, num_outputs, seen)
+        writer.write(keys, out, y)
+        seen += kept
+        progbar.update(step + 1)
+    if seen == 0:
+        raise ValueError(
+            "`data` is empty (or every sample weight is 0): a memory needs at least one "
+            "training example."
+        )
+    memory._fill(writer.finish(), verbose=verbose)
+
+
 @keras_resmem_export("keras_resmem.attach_memory")
 def attach_memory(
     model,
@@ -373,65 +431,27 @@ def attach_memory(
     1.0
     """
     _check_model(model)
-    _validation.one_of("task", task, residuals_lib.TASKS)
     batch_size = _validation.positive_int("batch_size", batch_size)
     if from_logits is not None:
         from_logits = _validation.boolean("from_logits", from_logits)
     embedding, output = _key_and_output(model, layer_name)
-    num_outputs = output.shape[-1]
-    if task == "classification":
-        if from_logits is None:
-            from_logits = not _outputs_are_probabilities(output)
-        if num_outputs is None or num_outputs < 2:
-            raise ValueError(
-                "Classification needs one output per class (at least 2); the model's output "
-                f"has shape {output.shape}. For a single score use task='regression'."
-            )
     # Validate the hyperparameters before the (long) pass over the data.
-    memory = ResidualMemory(
+    memory = _new_memory(
+        output,
+        task=task,
+        from_logits=from_logits,
         k=k,
         sigma=sigma,
         temperature=temperature,
         method=method,
         knn_weight=knn_weight,
-        task=task,
         search=search,
         sparse_residuals=sparse_residuals,
-        from_logits=True if from_logits is None else from_logits,
         scann_options=scann_options,
         ivf_options=ivf_options,
-        name="residual_memory",
     )
-    features = keras.Model(model.inputs, [embedding, output])
-    predict = tf.function(
-        lambda x: features(x, training=False), reduce_retracing=True, autograph=False
-    )
-    # One function per call of `attach_memory`, each traced once: that is not
-    # the retracing TensorFlow warns about, so do not let it warn.
-    predict._omit_frequent_tracing_warning = True
-    dataset = _as_dataset(data, batch_size, len(model.inputs[0].shape))
-    positions = None if None in output.shape[1:-1] else math.prod(output.shape[1:-1])
-    writer = memory._writer(capacity=_num_entries(data, positions))
-    cardinality = int(dataset.cardinality())
-    progbar = keras.utils.Progbar(
-        cardinality if cardinality > 0 else None, verbose=verbose, unit_name="batch"
-    )
-    seen = 0
-    for step, batch in enumerate(dataset):
-        x, y = batch[0], batch[1]
-        emb, out = (t.numpy() for t in predict(x))
-        keys, out, y, kept = _batch_entries(step, emb, out, np.asarray(y), batch[2:], task)
-        if task == "classification":
-            y = _class_ids(y, num_outputs, seen)
-        writer.write(keys, out, y)
-        seen += kept
-        progbar.update(step + 1)
-    if seen == 0:
-        raise ValueError(
-            "`data` is empty (or every sample weight is 0): a memory needs at least one "
-            "training example."
-        )
-    memory._fill(writer.finish(), verbose=verbose)
+    predict = _predict_function(model, embedding, output)
+    _fill_memory(memory, predict, data, model, output, batch_size=batch_size, verbose=verbose)
     prediction = memory([embedding, output])
     resmem = keras.Model(model.inputs, prediction, name=name or f"{model.name}_resmem")
     # Compiled for its output, probabilities (not the base model's logits), so that

@@ -10,6 +10,7 @@ def test_public_api_is_small_and_registered():
         "ResidualMemory",
         "__version__",
         "attach_memory",
+        "callbacks",
         "compare",
         "datasets",
         "diagnostics",
