@@ -35,10 +35,10 @@ positions where ResMem fixed a near miss) to --output-dir.
 
     python examples/language_model.py
 
-On 2 CPU cores the training takes about 3.5 minutes an epoch, for as many
-epochs as early stopping lets it run (`--reuse-deepnet` skips it on a second
-run); the rest (three memories, the choice on validation, the test) about 30
-minutes.
+On 2 shared CPU cores the training took 250-420 s an epoch, for the 11
+epochs early stopping ran (`--reuse-deepnet` skips it on a second run); the
+rest (three memories, the choice on validation, the test) about 50 minutes.
+The process peaks at about 23 GiB of RAM: run it alone on a 24 GiB machine.
 """
 
 import argparse
