@@ -10,8 +10,13 @@ import tensorflow as tf
 from keras_resmem import residuals as residuals_lib
 from keras_resmem.api_export import keras_resmem_export
 from keras_resmem.attach import _as_dataset, _class_ids
-from keras_resmem.tuning import objectives
 from keras_resmem.tuning.neighbor_cache import NeighborCache
+from keras_resmem.tuning.objectives import (
+    CLASSIFICATION_OBJECTIVES,
+    REGRESSION_OBJECTIVES,
+    direction,
+    trial_metrics,
+)
 
 
 def _largest_value(hp):
@@ -127,11 +132,7 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
         if not (isinstance(fpr_bound, float | int) and 0 < fpr_bound <= 1):
             raise ValueError(f"`fpr_bound` must be in (0, 1]. Received: fpr_bound={fpr_bound!r}")
         regression = self.memory.task == "regression"
-        valid = (
-            objectives.REGRESSION_OBJECTIVES
-            if regression
-            else (objectives.CLASSIFICATION_OBJECTIVES)
-        )
+        valid = REGRESSION_OBJECTIVES if regression else (CLASSIFICATION_OBJECTIVES)
         if oracle is None:
             objective = objective or valid[0]
             if objective not in valid:
@@ -140,9 +141,7 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
                     f"Received: objective={objective!r}"
                 )
             oracle = keras_tuner.oracles.RandomSearchOracle(
-                objective=keras_tuner.Objective(
-                    objective, direction=objectives.direction(objective)
-                ),
+                objective=keras_tuner.Objective(objective, direction=direction(objective)),
                 max_trials=max_trials,
                 seed=seed,
             )
@@ -261,7 +260,7 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
 
     def run_trial(self, trial, *args, **kwargs):
         scores = self._cache.predict(**self._trial_settings(trial.hyperparameters.values))
-        metrics = objectives.trial_metrics(
+        metrics = trial_metrics(
             self._y_val, self._deepnet, scores, self.fpr_bound, task=self.memory.task
         )
         if self.tensorboard:
