@@ -135,3 +135,14 @@ def machine():
 
 def gib(num_bytes):
     return None if num_bytes is None else num_bytes / 2**30
+
+
+def write_results(output_dir, name, results, lines):
+    """Writes `<output_dir>/<name>.json` (`results`) and `<name>.md` (`lines`), atomically."""
+    import json
+
+    from keras_resmem import _io
+
+    os.makedirs(output_dir, exist_ok=True)
+    _io.write_text(os.path.join(output_dir, f"{name}.json"), json.dumps(results, indent=2) + "\n")
+    _io.write_text(os.path.join(output_dir, f"{name}.md"), "\n".join(lines) + "\n")

@@ -12,10 +12,12 @@ T=1.4 are in the grid); the test set is scored once.
 The paper reports 56.46% (DeepNet) and 59.66% (ResMem), a gain of +3.20 points
 (TPR 5.89%, FPR 2.70%).
 
-CIFAR-100 is loaded through `keras.datasets.cifar100` (which downloads it once
-into ~/.keras/datasets), or from --data-dir holding the extracted
-`cifar-100-python` folder. Where neither works (no network), the script says so
-and exits with status 2. Writes `results/cifar100_resnet/results.{md,json}`.
+CIFAR-100 is loaded from --data-dir holding the extracted `cifar-100-python`
+folder; otherwise through TensorFlow Datasets (`tfds.load("cifar100",
+as_supervised=True)`, which downloads it once; --data-dir is then TFDS's data
+folder), or `keras.datasets.cifar100` where TFDS is not installed. Where none
+works (no network), the script says so and exits with status 2. Writes
+`results/cifar100_resnet/results.{md,json}`.
 
     python examples/cifar100_resnet.py          # hours on a CPU; use a GPU
     python examples/cifar100_resnet.py --epochs 32   # a shorter schedule, scaled
@@ -39,20 +41,62 @@ import _protocol as protocol  # noqa: E402
 PAPER = {"deepnet": 0.5646, "resmem": 0.5966, "gain": 0.0320, "tpr": 0.0589, "fpr": 0.0270}
 
 
-def load_cifar100(data_dir=None):
-    """CIFAR-100 `(x_train, y_train), (x_test, y_test)`; a RuntimeError saying what to do."""
+def _from_tfds(data_dir=None):
+    """CIFAR-100 through TensorFlow Datasets (`tfds.load(..., as_supervised=True)`)."""
+    import tensorflow_datasets as tfds
+
+    # A given folder is read as it is (no download): it is there for machines offline.
+    splits = tfds.load(
+        "cifar100",
+        split=["train", "test"],
+        as_supervised=True,
+        data_dir=data_dir,
+        download=data_dir is None,
+    )
+    out = []
+    for split in splits:
+        images, labels = zip(*tfds.as_numpy(split), strict=True)
+        out.append((np.stack(images), np.asarray(labels)))
+    return tuple(out)
+
+
+def _tfds_available():
     try:
-        if data_dir:
+        import tensorflow_datasets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load_cifar100(data_dir=None):
+    """CIFAR-100 `(x_train, y_train), (x_test, y_test)`; a RuntimeError saying what to do.
+
+    From `data_dir` if it holds the extracted `cifar-100-python` folder;
+    otherwise through TensorFlow Datasets when it is installed (its default
+    data folder, or `data_dir` as TFDS's `data_dir`), else
+    `keras.datasets.cifar100`. Both of those download once.
+    """
+    folder = os.path.join(data_dir, "cifar-100-python") if data_dir else None
+    try:
+        if folder and os.path.isdir(folder):
             from keras.src.datasets.cifar import load_batch
 
-            folder = os.path.join(data_dir, "cifar-100-python")
             x_train, y_train = load_batch(os.path.join(folder, "train"), label_key="fine_labels")
             x_test, y_test = load_batch(os.path.join(folder, "test"), label_key="fine_labels")
             to_hwc = lambda x: x.transpose(0, 2, 3, 1)  # noqa: E731
             return (to_hwc(x_train), np.asarray(y_train)), (to_hwc(x_test), np.asarray(y_test))
+        if _tfds_available():
+            return _from_tfds(data_dir)
+        if data_dir:
+            raise FileNotFoundError(f"no folder {folder}")
         return keras.datasets.cifar100.load_data(label_mode="fine")
     except Exception as e:  # no network, a missing folder, a broken download
-        where = f"--data-dir {data_dir}" if data_dir else "keras.datasets.cifar100 (a download)"
+        where = (
+            f"--data-dir {data_dir}"
+            if data_dir
+            else ("TensorFlow Datasets" if _tfds_available() else "keras.datasets.cifar100")
+            + " (a download)"
+        )
         raise RuntimeError(
             f"CIFAR-100 is not available from {where}: {type(e).__name__}: {e}\n"
             "This machine may have no network. Download "

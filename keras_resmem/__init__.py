@@ -20,6 +20,7 @@ from keras_resmem import callbacks, datasets, diagnostics, search, tuning  # noq
 from keras_resmem.attach import attach_memory  # noqa: E402
 from keras_resmem.diagnostics import Comparison, compare  # noqa: E402
 from keras_resmem.export import export_saved_model  # noqa: E402
+from keras_resmem.lifecycle import add_examples, forget, memorize  # noqa: E402
 from keras_resmem.residual_memory import ResidualMemory  # noqa: E402
 from keras_resmem.version import __version__  # noqa: E402
 
@@ -27,12 +28,15 @@ __all__ = [
     "Comparison",
     "ResidualMemory",
     "__version__",
+    "add_examples",
     "attach_memory",
     "callbacks",
     "compare",
     "datasets",
     "diagnostics",
     "export_saved_model",
+    "forget",
+    "memorize",
     "search",
     "tuning",
 ]

@@ -110,3 +110,38 @@ def regression_targets(targets, n, num_outputs, first_entry=0):
     targets = targets.reshape(n, num_outputs)
     finite_rows("targets", targets, first_entry)
     return targets
+
+
+def entry_ids(ids, n, first_entry=0):
+    """Memory entry ids as an int64 array `(n,)`."""
+    array = np.asarray(ids)
+    if array.size == n and array.ndim > 1:
+        array = array.reshape(n)
+    if array.ndim != 1 or len(array) != n:
+        raise ValueError(
+            f"`ids` must hold one id per memory entry ({n} here, from entry {first_entry}). "
+            f"Received: ids of shape {array.shape}"
+        )
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(
+            "`ids` must be integers (they are stored as int64). "
+            f"Received: ids of dtype {array.dtype}"
+        )
+    if array.dtype == np.uint64 and n and array.max() > np.iinfo(np.int64).max:
+        raise ValueError("`ids` must fit in int64. Received: an id above 2**63 - 1")
+    return array.astype(np.int64)
+
+
+def unique_ids(ids, name="ids"):
+    """Raises if an id occurs twice in `ids`, naming a few."""
+    ids = np.asarray(ids)
+    if len(ids) < 2:
+        return
+    ordered = np.sort(ids)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    if len(repeated):
+        shown = np.unique(repeated)[:5].tolist()
+        raise ValueError(
+            f"`{name}` must be unique, but {len(np.unique(repeated))} id(s) occur more than "
+            f"once, e.g. {shown}."
+        )

@@ -162,19 +162,50 @@ def _outputs_are_probabilities(output_tensor):
     )
 
 
-def _as_dataset(data, batch_size, input_rank):
-    """`data` as a batched dataset of `(x, y)` or `(x, y, sample_weight)`."""
+# The keys of a dict element of `data` (the form that can carry ids).
+DATA_KEYS = ("x", "y", "sample_weight", "ids")
+
+
+def _check_data_dict(keys, where):
+    unknown = sorted(set(keys) - set(DATA_KEYS))
+    if unknown or not {"x", "y"} <= set(keys):
+        raise ValueError(
+            f"A dict in `data` must have keys 'x' and 'y', and may have 'sample_weight' and "
+            f"'ids'. Received {where} with keys {sorted(keys)}"
+        )
+
+
+def _as_dataset(data, batch_size, input_rank, allow_ids=False):
+    """`data` as a batched dataset of `(x, y)`, `(x, y, sample_weight)`, or (with `allow_ids`)
+    dicts with keys `DATA_KEYS`."""
     if isinstance(data, tf.data.Dataset):
         spec = data.element_spec
-        if not (isinstance(spec, tuple) and len(spec) in (2, 3)):
+        if allow_ids and isinstance(spec, dict):
+            _check_data_dict(spec, "a dataset")
+            x_spec = tf.nest.flatten(spec["x"])[0]
+        elif not (isinstance(spec, tuple) and len(spec) in (2, 3)):
+            forms = "`(x, y)`, `(x, y, sample_weight)`" + (
+                " or dicts with keys 'x', 'y', 'sample_weight', 'ids'" if allow_ids else ""
+            )
             raise ValueError(
-                "`data` must be a `tf.data.Dataset` of `(x, y)` or `(x, y, sample_weight)`. "
+                f"`data` must be a `tf.data.Dataset` of {forms}. "
                 f"Received: a dataset with element_spec={spec}"
             )
-        x_spec = tf.nest.flatten(spec[0])[0]
+        else:
+            x_spec = tf.nest.flatten(spec[0])[0]
         if x_spec.shape.rank is not None and x_spec.shape.rank == input_rank - 1:
             data = data.batch(batch_size)
         return data
+    if allow_ids and isinstance(data, dict):
+        _check_data_dict(data, "a dict")
+        n = len(tf.nest.flatten(data["x"])[0])
+        for name in DATA_KEYS[1:]:
+            if name in data and len(data[name]) != n:
+                raise ValueError(
+                    f"`data[{name!r}]` must have one row per example ({n}). "
+                    f"Received: {len(data[name])} rows"
+                )
+        return tf.data.Dataset.from_tensor_slices(dict(data)).batch(batch_size)
     if isinstance(data, (tuple, list)) and len(data) in (2, 3):
         n = len(tf.nest.flatten(data[0])[0])
         for name, part in zip(("labels", "sample weights"), data[1:], strict=False):
@@ -194,6 +225,12 @@ def _num_entries(data, positions):
     """The number of memory entries in array `data`, or None if it cannot be known."""
     if isinstance(data, tf.data.Dataset) or positions is None:
         return None
+    if isinstance(data, dict):
+        data = (
+            data["x"],
+            data["y"],
+            *(() if "sample_weight" not in data else (data["sample_weight"],)),
+        )
     if len(data) == 3:
         return int(np.count_nonzero(np.asarray(data[2])))
     return len(tf.nest.flatten(data[0])[0]) * positions
@@ -225,11 +262,11 @@ def _class_ids(y, num_classes, start):
     return y
 
 
-def _batch_entries(step, emb, out, y, sample_weight, task):
-    """One batch's memory entries: `(keys, outputs, targets, count)`, one row each.
+def _batch_entries(step, emb, out, y, sample_weight, task, ids=None):
+    """One batch's memory entries: `(keys, outputs, targets, ids, count)`, one row each.
 
     Every position of a sequence output `(batch, time, c)` is an entry; entries
-    whose sample weight is 0 are left out.
+    whose sample weight is 0 are left out. `ids` (or None) has one id per entry.
     """
     lead = out.shape[:-1]
     n = math.prod(lead)
@@ -252,8 +289,16 @@ def _batch_entries(step, emb, out, y, sample_weight, task):
             f"{y.shape}. Labels must be class ids of shape {lead} or one-hot rows of shape "
             f"{lead + (c,)} (regression: targets of shape {lead + (c,)})."
         )
+    if ids is not None:
+        ids = np.asarray(ids)
+        if ids.size != n:
+            raise ValueError(
+                f"Batch {step} of `data` has ids of shape {ids.shape}; they must have the "
+                f"outputs' leading shape {lead} (one id per memory entry)."
+            )
+        ids = ids.reshape(n)
     if not sample_weight:
-        return keys, out, y, n
+        return keys, out, y, ids, n
     weight = np.asarray(sample_weight[0])
     if weight.size != n:
         raise ValueError(
@@ -261,7 +306,7 @@ def _batch_entries(step, emb, out, y, sample_weight, task):
             f"have the outputs' leading shape {lead} (one weight per entry)."
         )
     kept = weight.reshape(n) != 0
-    return keys[kept], out[kept], y[kept], int(kept.sum())
+    return keys[kept], out[kept], y[kept], None if ids is None else ids[kept], int(kept.sum())
 
 
 def _new_memory(output, *, task, from_logits, **settings):
@@ -295,24 +340,69 @@ def _predict_function(model, embedding, output):
     return predict
 
 
-def _fill_memory(memory, predict, data, model, output, *, batch_size, verbose):
-    """Runs the network over `data` once and fills `memory` (one streamed pass)."""
+def _with_ids(data, ids):
+    """Array `data` with `ids` (one per example) as a dict; `data` itself if `ids` is None."""
+    if ids is None:
+        return data
+    if isinstance(data, tf.data.Dataset) or isinstance(data, dict):
+        raise ValueError(
+            "`ids` can be given beside arrays only. A `tf.data.Dataset` or a dict carries "
+            "its ids in its elements, under the key 'ids' (so that they follow any "
+            "shuffling). Received: ids with data of type " + type(data).__name__
+        )
+    if not (isinstance(data, (tuple, list)) and len(data) in (2, 3)):
+        return data  # `_as_dataset` names the problem
+    n = len(tf.nest.flatten(data[0])[0])
+    ids = np.asarray(ids)
+    if ids.ndim == 0 or len(ids) != n:
+        raise ValueError(
+            f"`ids` must hold one id per memory entry: one per example ({n} here), or one "
+            f"per position for sequence outputs. Received: ids of shape {ids.shape}"
+        )
+    named = {"x": data[0], "y": data[1], "ids": ids}
+    if len(data) == 3:
+        named["sample_weight"] = data[2]
+    return named
+
+
+def _fill_memory(
+    memory, predict, data, model, output, *, batch_size, verbose, ids=None, append=False
+):
+    """Runs the network over `data` once and fills `memory` (one streamed pass).
+
+    With `append`, the entries are added to the memory (`add_examples`); else
+    they replace it.
+    """
     task, num_outputs = memory.task, output.shape[-1]
-    dataset = _as_dataset(data, batch_size, len(model.inputs[0].shape))
+    data = _with_ids(data, ids)
+    dataset = _as_dataset(data, batch_size, len(model.inputs[0].shape), allow_ids=True)
     positions = None if None in output.shape[1:-1] else math.prod(output.shape[1:-1])
-    writer = memory._writer(capacity=_num_entries(data, positions))
+    first_id = memory._next_id() if append else 0
+    writer = memory._writer(capacity=_num_entries(data, positions), first_id=first_id)
     cardinality = int(dataset.cardinality())
     progbar = keras.utils.Progbar(
         cardinality if cardinality > 0 else None, verbose=verbose, unit_name="batch"
     )
     seen = 0
     for step, batch in enumerate(dataset):
-        x, y = batch[0], batch[1]
+        if isinstance(batch, dict):
+            x, y, batch_ids = batch["x"], batch["y"], batch.get("ids")
+            rest = () if "sample_weight" not in batch else (batch["sample_weight"],)
+        else:
+            x, y, batch_ids, rest = batch[0], batch[1], None, batch[2:]
         emb, out = (t.numpy() for t in predict(x))
-        keys, out, y, kept = _batch_entries(step, emb, out, np.asarray(y), batch[2:], task)
+        keys, out, y, batch_ids, kept = _batch_entries(
+            step,
+            emb,
+            out,
+            np.asarray(y),
+            rest,
+            task,
+            None if batch_ids is None else np.asarray(batch_ids),
+        )
         if task == "classification":
             y = _class_ids(y, num_outputs, seen)
-        writer.write(keys, out, y)
+        writer.write(keys, out, y, batch_ids)
         seen += kept
         progbar.update(step + 1)
     if seen == 0:
@@ -320,15 +410,19 @@ def _fill_memory(memory, predict, data, model, output, *, batch_size, verbose):
             "`data` is empty (or every sample weight is 0): a memory needs at least one "
             "training example."
         )
-    memory._fill(writer.finish(), verbose=verbose)
+    if append:
+        memory._append(writer.finish(), verbose=verbose)
+    else:
+        memory._fill(writer.finish(), verbose=verbose)
 
 
 @keras_resmem_export("keras_resmem.attach_memory")
 def attach_memory(
     model,
     layer_name,
-    data,
+    data=None,
     *,
+    ids=None,
     k=50,
     sigma=1.0,
     temperature=1.0,
@@ -352,6 +446,11 @@ def attach_memory(
     ResMem prediction (see `keras_resmem.ResidualMemory`). `model` itself is
     not modified: the new model shares its layers and weights.
 
+    Without `data` the memory is empty: fill it later with
+    `keras_resmem.memorize(resmem, data)`, grow it with
+    `keras_resmem.add_examples` and remove entries with `keras_resmem.forget`.
+    Predicting with an empty memory raises an error.
+
     Sequence models work the same way: with outputs `(batch, time, vocab)`
     and an embedding layer `(batch, time, dim)`, every position is a memory
     entry, and labels are `(batch, time)` token ids. Sample weights of 0 leave
@@ -374,11 +473,17 @@ def attach_memory(
             model), or a layer inside one, by its name or its path
             `"backbone/layer"`. For a layer inside a nested model the
             returned model calls that nested model's layers directly (inlined).
-        data: the training data: a `tf.data.Dataset` of `(x, y)` or
-            `(x, y, sample_weight)` (batched or not), or a tuple of arrays.
-            Labels are integer class ids or one-hot rows; regression targets
-            have the output's width. Entries whose sample weight is 0 are not
-            memorized.
+        data: the training data, or None for an empty memory: a
+            `tf.data.Dataset` of `(x, y)` or `(x, y, sample_weight)`
+            (batched or not), or a tuple of arrays; or, to carry each
+            example's id, dicts with keys `"x"`, `"y"`, `"ids"` and
+            optionally `"sample_weight"` (a dict of arrays, or a dataset of
+            dicts). Labels are integer class ids or one-hot rows;
+            regression targets have the output's width. Entries whose
+            sample weight is 0 are not memorized.
+        ids: for array `data`: the examples' int64 ids, unique (for sequence
+            outputs, one per position, `(n, time)`). Neighbours are reported
+            by these ids. Default: the entries' positions `0 .. n-1`.
         k: the number of neighbours combined.
         sigma: the distance scale of the neighbour weights.
         temperature: the softmax temperature `T` (classification).
@@ -450,10 +555,16 @@ def attach_memory(
         scann_options=scann_options,
         ivf_options=ivf_options,
     )
-    predict = _predict_function(model, embedding, output)
-    _fill_memory(memory, predict, data, model, output, batch_size=batch_size, verbose=verbose)
+    if data is None and ids is not None:
+        raise ValueError("`ids` name the examples of `data`; received ids but no data.")
+    # Called on the network's tensors first: the memory is built empty, then filled.
     prediction = memory([embedding, output])
     resmem = keras.Model(model.inputs, prediction, name=name or f"{model.name}_resmem")
+    if data is not None:
+        predict = _predict_function(model, embedding, output)
+        _fill_memory(
+            memory, predict, data, model, output, batch_size=batch_size, verbose=verbose, ids=ids
+        )
     # Compiled for its output, probabilities (not the base model's logits), so that
     # `evaluate` works and no loss written for logits is reused by mistake. Plain
     # SGD: it has no per-weight slots, so a saved, never-trained model reloads

@@ -9,7 +9,7 @@ import numpy as np
 
 from keras_resmem import _io
 from keras_resmem.api_export import keras_resmem_export
-from keras_resmem.export import find_memory
+from keras_resmem.lifecycle import find_memory
 
 
 @keras_resmem_export("keras_resmem.Comparison")
@@ -140,8 +140,9 @@ def changed_examples(
             scores, each example also gets the rank of its true class.
         neighbor_ids, neighbor_weights: optional `(m, k)` neighbours of each
             example and their weights (`neighbors_of` gives them).
-        memory_labels: optional labels of the memory entries, to report the
-            neighbours' labels (`memory.memory_targets`).
+        memory_labels: optional labels of the memory entries indexed by
+            entry id, to report the neighbours' labels: with default ids
+            (positions in the training data), the training labels.
 
     Returns:
         A list of `ChangedExample`: the fixed ones, then the broken ones, each
@@ -171,6 +172,17 @@ def changed_examples(
     ids = None if neighbor_ids is None else np.asarray(neighbor_ids)
     weights = None if neighbor_weights is None else np.asarray(neighbor_weights)
     labels = None if memory_labels is None else np.asarray(memory_labels)
+    if (
+        labels is not None
+        and ids is not None
+        and ids.size
+        and not 0 <= ids.min() <= ids.max() < len(labels)
+    ):
+        raise ValueError(
+            f"`memory_labels` is indexed by neighbour id, but it has {len(labels)} rows and "
+            f"the neighbour ids run from {ids.min()} to {ids.max()}. Pass labels indexed by "
+            "entry id (with default ids: the training labels)."
+        )
     out = []
     for fixed, mask in ((True, (deep != y) & (res == y)), (False, (deep == y) & (res != y))):
         for i in np.flatnonzero(mask):
@@ -214,7 +226,7 @@ def neighbors_of(model, x, batch_size=256):
     ...                                    k=3, verbose=0)
     >>> ids, weights = keras_resmem.diagnostics.neighbors_of(model, x[:2])
     >>> ids[:, 0]  # each training example is its own nearest neighbour
-    array([0, 1], dtype=int32)
+    array([0, 1])
     """
     memory = find_memory(model)
     features = keras.Model(model.inputs, memory.input[0])
@@ -241,7 +253,8 @@ def plot_changed_examples(
         examples: `ChangedExample`s with neighbours (from `changed_examples`).
         images: the evaluated images (or feature rows), indexed by
             `ChangedExample.index`.
-        memory_images: the training images (or feature rows), indexed by memory id.
+        memory_images: the training images (or feature rows), indexed by
+            entry id (with default ids: the training images).
         path: the PNG file to write (atomically).
         max_rows: at most this many examples.
         neighbors_shown: neighbours per row.

@@ -8,31 +8,9 @@ import tensorflow as tf
 
 from keras_resmem import _io
 from keras_resmem.api_export import keras_resmem_export
-from keras_resmem.residual_memory import ResidualMemory
+from keras_resmem.lifecycle import find_memory
 
 MODES = ("portable", "scann")
-
-
-def find_memory(model):
-    """The one `ResidualMemory` layer of `model`; a clear error otherwise."""
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            "`model` must be a Keras model holding a ResidualMemory layer (e.g. from "
-            f"`keras_resmem.attach_memory`). Received: model of type {type(model).__name__}"
-        )
-    memories = [layer for layer in model.layers if isinstance(layer, ResidualMemory)]
-    if len(memories) != 1:
-        raise ValueError(
-            "`model` must hold exactly one ResidualMemory layer (as `attach_memory` "
-            f"builds it). Received: model {model.name!r} with {len(memories)}"
-        )
-    memory = memories[0]
-    if not memory.built:
-        raise ValueError(
-            f"The ResidualMemory of model {model.name!r} holds no memory yet; call "
-            "`memorize(...)` or build the model with `keras_resmem.attach_memory`."
-        )
-    return memory
 
 
 def _check_mode(mode, memory):
@@ -80,9 +58,10 @@ def export_saved_model(
     - `deepnet_scores`: the network's own output, unchanged (logits or
       probabilities, whichever the network returns);
     - `class_ids`: classification only: `argmax(resmem_scores)`, int64;
-    - `neighbor_ids`, `neighbor_weights`: if `include_neighbors`: the memory
-      ids (training example indices) of the `k` nearest neighbours and their
-      weights, nearest first.
+    - `neighbor_ids`, `neighbor_weights`: if `include_neighbors`: the int64
+      entry ids of the `k` nearest neighbours (see `keras_resmem.memorize`;
+      by default the training examples' positions) and their weights,
+      nearest first.
 
     Modes:
 
@@ -131,6 +110,7 @@ def export_saved_model(
     ['class_ids', 'deepnet_scores', 'neighbor_ids', 'neighbor_weights', 'resmem_scores']
     """
     memory = find_memory(model)
+    memory._check_ready()
     _check_mode(mode, memory)
     path = os.path.abspath(os.fspath(path))
     _io.refuse_existing(path, overwrite)  # before tracing, not after

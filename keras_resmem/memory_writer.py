@@ -26,6 +26,23 @@ class MemoryEntries:
     memory_size: int
     key_dim: int
     num_outputs: int
+    # The arrays' buffers, with spare rows after them (`spare_rows`): by name.
+    bases: dict = dataclasses.field(default_factory=dict)
+
+
+def spare_rows(n):
+    """The unwritten rows kept after `n` entries, so that `add_examples` can append in place.
+
+    They are allocated but never written until used, so they take address
+    space and no RAM.
+    """
+    return max(n // 4, 1024)
+
+
+def with_spare_rows(n, row_shape, dtype):
+    """`(rows, base)`: `n` aligned rows, and the buffer they start (`spare_rows` longer)."""
+    base = aligned_empty((n + spare_rows(n), *row_shape), dtype)
+    return base[:n], base
 
 
 def aligned_empty(shape, dtype, align=64):
@@ -92,6 +109,8 @@ class MemoryWriter:
         temperature, from_logits: how sparse residuals are computed.
         num_outputs: the width of the outputs, if known (else from the first batch).
         capacity: the number of entries, if known.
+        first_id: the id of the first entry written without ids; the
+            following ones count up from it.
     """
 
     def __init__(
@@ -103,8 +122,10 @@ class MemoryWriter:
         from_logits=True,
         num_outputs=None,
         capacity=None,
+        first_id=0,
     ):
         self.task = task
+        self.first_id = int(first_id)
         self.sparse_residuals = sparse_residuals
         self.temperature = temperature
         self.from_logits = from_logits
@@ -114,14 +135,18 @@ class MemoryWriter:
         self.key_dim = None
         self._buffers = None
         self._arrays = None
+        self._bases = None
 
-    def write(self, keys, scores, targets):
+    def write(self, keys, scores, targets, ids=None):
         """Adds entries: `keys (b, ...)`, `scores (b, c)`, `targets` (class ids or values).
+
+        `ids` are the entries' int64 ids, `(b,)`; by default they count up
+        from `first_id`, one per entry written.
 
         Raises:
             ValueError: shapes that disagree, non-finite keys, scores or
-                regression targets, class ids outside `[0, c)`, or more
-                entries than `capacity`.
+                regression targets, class ids outside `[0, c)`, ids that are
+                not integers, or more entries than `capacity`.
         """
         keys = np.asarray(keys, dtype=np.float32)
         scores = np.asarray(scores, dtype=np.float32)
@@ -149,14 +174,19 @@ class MemoryWriter:
             raise ValueError(
                 f"The data gave more memory entries than the {self.capacity} expected."
             )
-        arrays = {"keys": keys, **self._entry_arrays(scores, targets)}
+        if ids is None:
+            ids = np.arange(self.first_id + self.count, self.first_id + self.count + b)
+        ids = _validation.entry_ids(ids, b, self.count)
+        arrays = {"keys": keys, **self._entry_arrays(scores, targets), "memory_ids": ids}
         if self._arrays is None and self._buffers is None:
             specs = {name: (a.shape[1:], a.dtype) for name, a in arrays.items()}
             if self.capacity is not None:
-                self._arrays = {
-                    name: aligned_empty((self.capacity, *shape), dtype)
-                    for name, (shape, dtype) in specs.items()
-                }
+                self._bases = {}
+                self._arrays = {}
+                for name, (shape, dtype) in specs.items():
+                    self._arrays[name], self._bases[name] = with_spare_rows(
+                        self.capacity, shape, dtype
+                    )
             else:
                 self._buffers = {name: _BlockBuffer(*spec) for name, spec in specs.items()}
         for name, values in arrays.items():
@@ -199,22 +229,32 @@ class MemoryWriter:
             "memory_targets": targets,
         }
 
+    def _last_ids(self):
+        buffer = self._buffers["memory_ids"]
+        return buffer.blocks[-1][: buffer.filled]
+
     def finish(self):
         """The finished memory, a `MemoryEntries`; the writer is spent.
 
         Raises:
-            ValueError: no entries, or fewer than `capacity`.
+            ValueError: no entries, fewer than `capacity`, or an id given twice.
         """
         if self.count == 0:
             raise ValueError("No memory entries: a memory needs at least one training example.")
+        if self._arrays is not None:
+            _validation.unique_ids(self._arrays["memory_ids"][: self.count])
+        else:
+            _validation.unique_ids(
+                np.concatenate([*self._buffers["memory_ids"].blocks[:-1], self._last_ids()])
+            )
         if self.capacity is not None and self.count != self.capacity:
             raise ValueError(
                 f"The data gave {self.count} memory entries, not the {self.capacity} expected."
             )
         if self._buffers is not None:
-            self._arrays = {}
+            self._arrays, self._bases = {}, {}
             for name, buffer in self._buffers.items():
-                out = aligned_empty((self.count, *buffer.row_shape), buffer.dtype)
+                out, self._bases[name] = with_spare_rows(self.count, buffer.row_shape, buffer.dtype)
                 start = 0
                 for block in buffer.pop_blocks():
                     out[start : start + len(block)] = block
@@ -223,4 +263,5 @@ class MemoryWriter:
                 self._arrays[name] = out
             self._buffers = None
         arrays, self._arrays = self._arrays, None
-        return MemoryEntries(arrays, self.count, self.key_dim, self.num_outputs)
+        bases, self._bases = self._bases, None
+        return MemoryEntries(arrays, self.count, self.key_dim, self.num_outputs, bases)

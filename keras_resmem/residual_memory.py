@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_resmem import _validation
+from keras_resmem import _validation, _variables
 from keras_resmem import memory_writer as writer_lib
 from keras_resmem import residuals as residuals_lib
 from keras_resmem import search as search_lib
@@ -26,6 +26,8 @@ _HPARAM_DTYPES = {
 # Variables a file may lack because they were added after it was saved: they
 # keep the values of the layer's config.
 _ADDED_LATER = ("method", "knn_weight")
+# Per-entry ids, added in 0.2; a file without them numbers its entries by position.
+_IDS = "memory_ids"
 
 
 @keras_resmem_export("keras_resmem.ResidualMemory")
@@ -92,12 +94,14 @@ class ResidualMemory(keras.layers.Layer):
             name with default options: `"exact"` (stock TensorFlow ops),
             `"ivf"` (approximate, stock TensorFlow ops: runs on stock
             TensorFlow Serving), `"scann"` (approximate, ScaNN's custom ops),
-            or `"auto"` (exact below 200,000 entries, else IVF).
+            or `"auto"` (exact search, or IVF where a measured cost model
+            predicts it twice as fast: `keras_resmem.search.Auto`).
         sparse_residuals: `None` (store the network's outputs, dense), or
             `m`, the number of largest-magnitude residual entries stored per
             memory entry (classification only).
         memory_size, key_dim, num_outputs: the memory's shape. Set by
-            `memorize`; given only when re-creating a layer from its config.
+            `memorize` (and changed by `add_examples` and `forget`); given
+            only when re-creating a layer from its config.
         chunk_size, scann_options, ivf_options: the options of version 0.1,
             still accepted beside a `search` name: exact search's chunk
             size, and dicts of `keras_resmem.search.ScaNN` or
@@ -109,9 +113,9 @@ class ResidualMemory(keras.layers.Layer):
             output, `(batch, num_outputs)` or `(batch, time, num_outputs)`;
             `embeddings` has the same leading dimensions, and the rest are
             flattened to `key_dim`.
-        return_neighbors: if `True`, also return the int32 neighbour ids and
-            their weights, each `(batch, k)` (or `(batch, time, k)`), nearest
-            first.
+        return_neighbors: if `True`, also return the neighbours' int64 ids
+            (see `memorize`) and their weights, each `(batch, k)` (or
+            `(batch, time, k)`), nearest first.
 
     Returns:
         The ResMem prediction, shaped like `scores`; with `return_neighbors`,
@@ -179,6 +183,10 @@ class ResidualMemory(keras.layers.Layer):
                     f"Received: sparse_residuals={sparse_residuals}"
                 )
         self.sparse_residuals = sparse_residuals
+        if search == "auto" and memory_size is not None:
+            # A config saved by version 0.1 (later versions save the backend
+            # in use): resolve it by 0.1's rule, as it was when saved.
+            search = search_lib.Auto(threshold=search_lib.AUTO_APPROXIMATE_THRESHOLD)
         # Unknown names and bad values fail now, not after a pass over the data.
         self._search = search_lib.get(
             search, scann_options=scann_options, ivf_options=ivf_options, chunk_size=chunk_size
@@ -189,6 +197,9 @@ class ResidualMemory(keras.layers.Layer):
         self._filling = False
         self._fill_failed = False
         self._share_state_of = None
+        # The buffers the entry variables hold the first rows of, with spare
+        # rows after them (see `_append`).
+        self._bases = {}
         self.k = k
         self.sigma = sigma
         self.temperature = temperature
@@ -220,7 +231,7 @@ class ResidualMemory(keras.layers.Layer):
 
     @k.setter
     def k(self, value):
-        self._set_hparam("k", _validation.k_within(value, self.memory_size))
+        self._set_hparam("k", _validation.k_within(value, self.memory_size or None))
 
     @property
     def sigma(self):
@@ -312,7 +323,23 @@ class ResidualMemory(keras.layers.Layer):
 
     # State.
 
+    @property
+    def memory_size(self):
+        """The number of entries in the memory (0 while it is empty)."""
+        entries = self.__dict__.get("_entry_vars")
+        if entries is not None:
+            return int(entries["keys"].shape[0])
+        return self.__dict__.get("_memory_size")
+
+    @memory_size.setter
+    def memory_size(self, value):
+        self.__dict__["_memory_size"] = value
+
     def build(self, input_shape=None):
+        if self.memory_size is None and input_shape is not None:
+            # Called on a network's tensors before any memory: an empty memory,
+            # its shape taken from theirs, to be filled by `memorize`.
+            self._shape_from_inputs(input_shape)
         if self.memory_size is None or self.key_dim is None or self.num_outputs is None:
             raise ValueError(
                 "This ResidualMemory has no memory yet: call `memorize(...)` first, "
@@ -330,21 +357,45 @@ class ResidualMemory(keras.layers.Layer):
                 name=name, shape=(), dtype=dtype, initializer="zeros", trainable=False
             )
             self._hparam_vars[name].assign(self.__dict__[f"_{name}_value"])
-        if self._share_state_of is None:
-            self._backend = self._search.clone().resolve(self.memory_size, self.key_dim)
-            self._backend.build(self.keys, self.add_weight, self._entry_initializer())
+        if self._share_state_of is None and self.memory_size > 0:
+            self._build_backend()
         self.built = True
+
+    def _shape_from_inputs(self, input_shape):
+        self._check_input_shapes(input_shape, ready=False)
+        emb_shape, score_shape = (tuple(s) for s in input_shape)
+        feature_dims = emb_shape[len(score_shape) - 1 :]
+        if None in feature_dims or score_shape[-1] is None:
+            raise ValueError(
+                "An empty ResidualMemory takes its shape from its inputs, which must have "
+                f"known feature sizes. Received input shapes: {input_shape}"
+            )
+        self.key_dim = _validation.positive_int("key_dim", math.prod(feature_dims))
+        self.num_outputs = _validation.positive_int("num_outputs", score_shape[-1])
+        self.memory_size = 0
+
+    def _build_backend(self):
+        """Resolves and builds the search backend, once the memory has entries."""
+        self._backend = self._search.clone().resolve(self.memory_size, self.key_dim)
+        self._backend.build(
+            self._entry_vars["keys"], self._add_backend_weight, self._entry_initializer()
+        )
+
+    def _add_backend_weight(
+        self, name, shape, dtype="float32", initializer="zeros", trainable=False, growable=False
+    ):
+        if trainable:
+            raise ValueError("A search backend's variables are not trainable.")
+        return _variables.add_weight(self, name, shape, dtype, initializer, growable=growable)
 
     def _build_entries(self):
         n, c = self.memory_size, self.num_outputs
 
         def entry(name, shape, dtype="float32"):
-            return self.add_weight(
-                name=name,
-                shape=shape,
-                dtype=dtype,
-                initializer=self._entry_initializer(),
-                trainable=False,
+            # Growable: `add_examples` and `forget` change the number of
+            # entries in place, and compiled models see it.
+            return _variables.add_weight(
+                self, name, shape, dtype, self._entry_initializer(), growable=True
             )
 
         self.keys = entry("keys", (n, self.key_dim))
@@ -363,6 +414,7 @@ class ResidualMemory(keras.layers.Layer):
         self.memory_targets = entries["memory_targets"] = entry(
             "memory_targets", target_shape, target_dtype
         )
+        self.memory_ids = entries[_IDS] = entry(_IDS, (n,), "int64")
         self._entry_vars = entries
 
     def _build_shared(self, other):
@@ -383,7 +435,7 @@ class ResidualMemory(keras.layers.Layer):
         # pages take no RAM until written, so the memory never exists twice.
         return _unwritten if self._filling else "zeros"
 
-    def _check_input_shapes(self, input_shape):
+    def _check_input_shapes(self, input_shape, ready=True):
         if not (isinstance(input_shape, (list, tuple)) and len(input_shape) == 2) or not all(
             isinstance(shape, (list, tuple)) for shape in input_shape
         ):
@@ -392,6 +444,8 @@ class ResidualMemory(keras.layers.Layer):
                 f"Received input shape: {input_shape}"
             )
         emb_shape, score_shape = (tuple(s) for s in input_shape)
+        if not ready:
+            return
         if score_shape[-1] is not None and score_shape[-1] != self.num_outputs:
             raise ValueError(
                 f"The scores have {score_shape[-1]} outputs but the memory was built for "
@@ -405,8 +459,11 @@ class ResidualMemory(keras.layers.Layer):
             )
 
     def _check_ready(self):
-        if not self.built:
-            raise ValueError("This ResidualMemory holds no memory yet: call `memorize` first.")
+        if not self.built or not self.memory_size:
+            raise ValueError(
+                "This ResidualMemory holds no memory yet: fill it first "
+                "(`keras_resmem.memorize(model, data)`, or the layer's `memorize`)."
+            )
         if self._fill_failed:
             raise ValueError(
                 "This ResidualMemory's last fill failed part way, so its memory is incomplete; "
@@ -416,8 +473,8 @@ class ResidualMemory(keras.layers.Layer):
 
     # Filling.
 
-    def memorize(self, embeddings, scores, targets, verbose=0):
-        """Stores the memory: one entry per training example.
+    def memorize(self, embeddings, scores, targets, ids=None, verbose=0):
+        """Stores the memory, one entry per training example, replacing any it held.
 
         Args:
             embeddings: `(n, ...)` training embeddings (flattened to `(n, d)`).
@@ -425,29 +482,103 @@ class ResidualMemory(keras.layers.Layer):
                 or probabilities, as `from_logits` says; predictions for regression).
             targets: classification: `(n,)` integer class ids; regression:
                 `(n, num_outputs)` (or `(n,)` for one output).
+            ids: `(n,)` int64 ids of the entries, unique: what
+                `return_neighbors`, `neighbors` and `forget` name entries by.
+                Default: their positions, `0 .. n-1`.
             verbose: 1 shows a progress bar while an IVF index is trained.
 
         Raises:
-            ValueError: on shapes that disagree, non-finite values, or class
-                ids outside `[0, num_outputs)`. The memory is left as it was.
+            ValueError: on shapes that disagree, non-finite values, class
+                ids outside `[0, num_outputs)`, or repeated ids. The memory
+                is left as it was.
         """
+        entries = self._entries_from_arrays(embeddings, scores, targets, ids, first_id=0)
+        self._fill(entries, verbose=verbose)
+
+    def add_examples(self, embeddings, scores, targets, ids=None, verbose=0):
+        """Adds entries to the memory; the entries it holds are not touched.
+
+        Arguments as for `memorize`. `ids` must differ from every id the
+        memory holds; by default they count up from one past its largest id
+        (the new entries' positions, if nothing was forgotten). The search
+        index is updated in place where the backend can (see
+        `keras_resmem.search.SearchBackend.entries_added`); compiled and
+        already-running models see the new entries at once.
+
+        Raises:
+            ValueError: as `memorize`, or an id the memory already holds.
+        """
+        self._check_ready()
+        entries = self._entries_from_arrays(
+            embeddings, scores, targets, ids, first_id=self._next_id()
+        )
+        self._append(entries, verbose=verbose)
+
+    def forget(self, ids, verbose=0):
+        """Removes the entries with these ids from the memory.
+
+        Nothing of them is left in the layer's variables or its index, so
+        nothing of them is in what the model saves or exports afterwards.
+
+        Args:
+            ids: the ids of the entries to remove, unique.
+            verbose: 1 shows a progress bar if the index is built again.
+
+        Raises:
+            ValueError: an id the memory does not hold, an id given twice,
+                or fewer than `k` entries left (lower `k` first).
+        """
+        self._check_ready()
+        ids = np.asarray(ids)
+        ids = _validation.entry_ids(ids.reshape(-1), ids.size)
+        _validation.unique_ids(ids)
+        held = self.entry_ids()
+        unknown = ~np.isin(ids, held)
+        if unknown.any():
+            raise ValueError(
+                f"`ids` must name entries of the memory; {int(unknown.sum())} of {len(ids)} do "
+                f"not, e.g. {ids[unknown][:5].tolist()}."
+            )
+        left = len(held) - len(ids)
+        if left < self.k:
+            raise ValueError(
+                f"Forgetting {len(ids)} of {len(held)} entries would leave {left}, fewer than "
+                f"k={self.k}. Lower `k` first, or fill the memory again with `memorize`."
+            )
+        if len(ids):
+            self._remove(np.flatnonzero(~np.isin(held, ids)), verbose=verbose)
+
+    def entry_ids(self):
+        """The ids of the memory's entries, int64 `(memory_size,)`, in storage order."""
+        self._check_ready()
+        return self._entry_vars[_IDS].numpy()
+
+    def _next_id(self):
+        held = self._entry_vars[_IDS].numpy()
+        return int(held.max()) + 1 if len(held) else 0
+
+    def _entries_from_arrays(self, embeddings, scores, targets, ids, first_id):
         embeddings = np.asarray(embeddings, dtype=np.float32)
         n = len(embeddings)
         if n == 0:
             raise ValueError("`embeddings` is empty: a memory needs at least one entry.")
-        writer = self._writer(capacity=n)
+        writer = self._writer(capacity=n, first_id=first_id)
         scores, targets = np.asarray(scores, dtype=np.float32), np.asarray(targets)
         if len(scores) != n or len(targets) != n:
             raise ValueError(
                 f"`scores` and `targets` must have one row per embedding ({n}). "
                 f"Received: {len(scores)} rows of scores and {len(targets)} of targets"
             )
+        if ids is not None:
+            ids = _validation.entry_ids(ids, n)
         for i in range(0, n, _WRITE_ROWS):
             rows = slice(i, i + _WRITE_ROWS)
-            writer.write(embeddings[rows], scores[rows], targets[rows])
-        self._fill(writer.finish(), verbose=verbose)
+            writer.write(
+                embeddings[rows], scores[rows], targets[rows], None if ids is None else ids[rows]
+            )
+        return writer.finish()
 
-    def _writer(self, capacity=None):
+    def _writer(self, capacity=None, first_id=0):
         """A `MemoryWriter` with this memory's settings."""
         return writer_lib.MemoryWriter(
             task=self.task,
@@ -456,20 +587,27 @@ class ResidualMemory(keras.layers.Layer):
             from_logits=self.from_logits,
             num_outputs=self.num_outputs,
             capacity=capacity,
+            first_id=first_id,
         )
+
+    def _check_entry_shape(self, entries):
+        if self.key_dim is None:
+            return
+        shape = (entries.key_dim, entries.num_outputs)
+        if shape != (self.key_dim, self.num_outputs):
+            raise ValueError(
+                f"This memory holds keys of {self.key_dim} features and {self.num_outputs} "
+                f"outputs; the entries have {shape[0]} and {shape[1]}. Create a new "
+                "ResidualMemory for them."
+            )
 
     def _fill(self, entries, verbose=0):
         """Makes `entries` (a finished `MemoryEntries`) the memory, and indexes it."""
-        shape = (entries.memory_size, entries.key_dim, entries.num_outputs)
-        if self.built and shape != (self.memory_size, self.key_dim, self.num_outputs):
-            raise ValueError(
-                "This layer already holds a memory of a different shape "
-                f"({self.memory_size}, {self.key_dim}, {self.num_outputs}); create a new "
-                f"ResidualMemory for one of shape {shape}."
-            )
+        self._check_entry_shape(entries)
         _validation.k_within(self.k, entries.memory_size)
         if not self.built:
-            self.memory_size, self.key_dim, self.num_outputs = shape
+            self.memory_size = entries.memory_size
+            self.key_dim, self.num_outputs = entries.key_dim, entries.num_outputs
             self._filling = True
             try:
                 self.build()
@@ -479,14 +617,88 @@ class ResidualMemory(keras.layers.Layer):
             finally:
                 self._filling = False
         try:
-            for name, array in entries.arrays.items():
-                _adopt(self._entry_vars[name], array)
-            entries.arrays.clear()
+            self._adopt_all(entries.arrays, entries.bases)
+            if self._backend is None:  # attached empty: the first fill
+                self._filling = True
+                try:
+                    self._build_backend()
+                finally:
+                    self._filling = False
+            else:
+                self._backend.resolve(self.memory_size, self.key_dim)
             self._backend.fit(verbose=verbose)
         except BaseException:
             self._fill_failed = True
             raise
         self._fill_failed = False
+
+    def _adopt_all(self, arrays, bases=None):
+        """Makes `arrays` (by variable name, all with the same rows) the entries' values.
+
+        `bases` are the buffers the arrays start, with spare rows after them.
+        """
+        self._bases = {}
+        for name, array in arrays.items():
+            _adopt(self._entry_vars[name], array)
+        arrays.clear()
+        self._bases = dict(bases or {})
+
+    def _append(self, entries, verbose=0):
+        """Adds `entries` after the memory's own, and updates the index."""
+        self._check_entry_shape(entries)
+        held = self._entry_vars[_IDS].numpy()
+        taken = np.isin(entries.arrays[_IDS], held)
+        if taken.any():
+            raise ValueError(
+                f"`ids` must be new: {int(taken.sum())} of the {entries.memory_size} ids are "
+                f"already in the memory, e.g. {entries.arrays[_IDS][taken][:5].tolist()}. "
+                "`forget` them first to replace those entries."
+            )
+        start = self.memory_size
+        grown, bases = {}, {}
+        for name, variable in self._entry_vars.items():
+            old = np.asarray(tf.convert_to_tensor(variable))
+            new = entries.arrays.pop(name)
+            n, m = len(old), len(new)
+            base = self._bases.get(name)
+            if (
+                base is None
+                or base.ctypes.data != old.ctypes.data  # the variable holds another buffer
+                or len(base) < n + m
+            ):
+                # No room after the entries: a new buffer, with spare rows
+                # for the next additions (one copy, amortized over them).
+                _, base = writer_lib.with_spare_rows(n + m, old.shape[1:], old.dtype)
+                base[:n] = old
+            # Rows past the variable's are written, never its own: a graph
+            # reading it now sees them unchanged.
+            base[n : n + m] = new
+            grown[name], bases[name] = base[: n + m], base
+        self._update_entries(
+            grown, lambda: self._backend.entries_added(start, verbose=verbose), bases
+        )
+
+    def _remove(self, kept, verbose=0):
+        """Keeps only the entries at positions `kept` (sorted), and updates the index."""
+        kept = np.asarray(kept, np.int64)
+        smaller, bases = {}, {}
+        for name, variable in self._entry_vars.items():
+            old = np.asarray(tf.convert_to_tensor(variable))
+            # A new buffer: the removed entries' rows are not kept anywhere.
+            out, bases[name] = writer_lib.with_spare_rows(len(kept), old.shape[1:], old.dtype)
+            np.take(old, kept, axis=0, out=out)
+            smaller[name] = out
+        self._update_entries(
+            smaller, lambda: self._backend.entries_removed(kept, verbose=verbose), bases
+        )
+
+    def _update_entries(self, arrays, update_index, bases):
+        try:
+            self._adopt_all(arrays, bases)
+            update_index()
+        except BaseException:
+            self._fill_failed = True
+            raise
 
     def storage_bytes(self):
         """The memory's size in bytes, by part.
@@ -495,7 +707,8 @@ class ResidualMemory(keras.layers.Layer):
             A dict: `"keys"`, `"residuals"` (the stored network outputs, or
             the sparse residual entries), `"targets"`, `"index"` (the search
             backend's own state: IVF's lists and centroids, or ScaNN's
-            serialized index; 0 for exact search) and `"total"`. Divide by
+            serialized index; 0 for exact search), `"ids"` (the entries'
+            int64 ids) and `"total"`. Divide by
             `memory_size` for bytes per entry.
         """
         self._check_ready()
@@ -511,6 +724,7 @@ class ResidualMemory(keras.layers.Layer):
             "keys": nbytes("keys"),
             "residuals": nbytes("memory_scores", "residual_ids", "residual_values"),
             "targets": nbytes("memory_targets"),
+            "ids": nbytes(_IDS),
             "index": int(self._backend.storage_bytes()),
         }
         sizes["total"] = sum(sizes.values())
@@ -543,8 +757,19 @@ class ResidualMemory(keras.layers.Layer):
                 the layer.
 
         Returns:
-            `(ids, distances, weights)`, each `(m, k)`, nearest first: int32
-            memory ids, L2 distances, and the normalised weights.
+            `(ids, distances, weights)`, each `(m, k)`, nearest first: the
+            entries' int64 ids (see `memorize`), L2 distances, and the
+            normalised weights.
+        """
+        positions, distances, weights = self.nearest_positions(embeddings, k)
+        return tf.gather(self._entry_vars[_IDS], positions), distances, weights
+
+    def nearest_positions(self, embeddings, k=None):
+        """`neighbors`, with the entries' int32 positions in storage for ids.
+
+        Positions change when entries are forgotten; they are what
+        `neighbor_rows` reads, for callers that search once and combine many
+        times (`keras_resmem.tuning.NeighborCache`).
         """
         self._check_ready()
         if k is None:
@@ -552,12 +777,14 @@ class ResidualMemory(keras.layers.Layer):
         else:
             k = _validation.k_within(k, self.memory_size)
         queries = tf.reshape(tf.cast(embeddings, tf.float32), [-1, self.key_dim])
-        ids, distances = self._search_neighbors(queries, k, self._backend)
+        positions, distances = self._search_neighbors(queries, k, self._backend)
         weights = residuals_lib.neighbor_weights(distances, self._hparam_tensor("sigma"))
-        return ids, distances, weights
+        return positions, distances, weights
 
     def neighbor_rows(self, ids, methods=residuals_lib.METHODS):
-        """The stored rows of the neighbours `ids` that `methods` combine, by name.
+        """The stored rows of the entries at positions `ids` that `methods` combine, by name.
+
+        `ids` are positions, as `nearest_positions` returns them.
 
         Returns:
             A dict for `combine`: `"targets"`, and for `"resmem"` either
@@ -634,6 +861,7 @@ class ResidualMemory(keras.layers.Layer):
         if not return_neighbors:
             return prediction
         neighbor_shape = tf.concat([batch_shape, [-1]], axis=0)
+        ids = tf.gather(self._entry_vars[_IDS], ids)
         return prediction, tf.reshape(ids, neighbor_shape), tf.reshape(weights, neighbor_shape)
 
     def compute_output_spec(self, inputs, return_neighbors=False):
@@ -644,7 +872,7 @@ class ResidualMemory(keras.layers.Layer):
         neighbor_shape = tuple(scores.shape[:-1]) + (None,)
         return (
             prediction,
-            keras.KerasTensor(neighbor_shape, dtype="int32"),
+            keras.KerasTensor(neighbor_shape, dtype="int64"),
             keras.KerasTensor(neighbor_shape, dtype="float32"),
         )
 
@@ -675,7 +903,7 @@ class ResidualMemory(keras.layers.Layer):
         if names and all(name.isdigit() for name in names):
             store = self._legacy_store(store)
         variables = {v.name: v for v in self.variables}
-        optional = set(_ADDED_LATER) | set(self._backend.knobs)
+        optional = set(_ADDED_LATER) | set(self._backend.knobs) | {_IDS}
         missing = sorted(set(variables) - set(store.keys()) - optional)
         unknown = sorted(set(store.keys()) - set(variables))
         if missing or unknown:
@@ -685,12 +913,23 @@ class ResidualMemory(keras.layers.Layer):
             )
         for name in store.keys():
             variable, value = variables[name], store[name]
-            if tuple(value.shape) != tuple(variable.shape):
+            shape, expected = tuple(value.shape), tuple(variable.shape)
+            if isinstance(variable, _variables.GrowableVariable):
+                # An index's own per-entry state (IVF partitions trained at
+                # another size) may have any number of rows.
+                shape, expected = shape[1:], expected[1:]
+                rows = int(tuple(value.shape)[0])
+                if name in self._entry_vars and rows != self.memory_size:
+                    shape, expected = (rows,), (self.memory_size,)
+            if shape != expected:
                 raise ValueError(
                     f"The saved variable {name!r} of layer {self.name!r} has shape "
                     f"{tuple(value.shape)}, but the layer's config gives {tuple(variable.shape)}."
                 )
             variable.assign(value)
+        self._bases = {}
+        if _IDS not in store.keys():  # saved before ids: entries are numbered by position
+            self._entry_vars[_IDS].assign(np.arange(self.memory_size, dtype=np.int64))
         self._fill_failed = False
         # The index may no longer match the keys; the backend catches up.
         self._backend.keys_changed()

@@ -36,3 +36,25 @@ def test_index_only_build_reports_scann_index_of_the_keys(via):
     # VmHWM, reset to the RSS before the build, bounds the RSS at and after it.
     assert result["build_peak_rss"] >= max(result["rss_after_build"], result["baseline_rss"])
     assert result["peak_growth_over_keys"] >= result["kept_over_keys"]
+
+
+def test_auto_crossover_fits_what_it_measured_and_refits_the_same(tmp_path):
+    import json
+
+    import auto_crossover
+
+    model = auto_crossover.main(
+        ["--dims", "4,16", "--sizes", "3000,6000", "--rounds", "1", "--output-dir", str(tmp_path)]
+    )
+    results = json.loads((tmp_path / "auto_crossover.json").read_text())
+    assert len(results["rows"]) == 4 and results["fit"] == model
+    assert auto_crossover.main(["--refit", str(tmp_path / "auto_crossover.json")]) == model
+    # The least-squares fit, by the normal equations.
+    rows = results["rows"]
+    design = np.array([[np.log(r["n"]), np.log(r["d"]), 1.0] for r in rows])
+    target = np.log([r["ivf_speedup"] for r in rows])
+    want = np.linalg.solve(design.T @ design, design.T @ target)
+    np.testing.assert_allclose([model["a"], model["b"], model["c"]], want, atol=1e-3)
+    # `crossover` inverts the model: its prediction there is the speed-up asked for.
+    n = auto_crossover.crossover(model, 16, 2.0)
+    assert np.exp(model["a"] * np.log(n) + model["b"] * np.log(16) + model["c"]) == pytest.approx(2)

@@ -207,6 +207,17 @@ def test_cifar100_recipe_runs_end_to_end_on_cifar_format_files(rng, tmp_path):
     assert cifar100_resnet.cifar_resnet(8).count_params() < 100_000
 
 
+def test_cifar100_recipe_loads_through_tfds(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    import cifar100_resnet
+
+    with tfds.testing.mock_data(num_examples=128):
+        (x_train, y_train), (x_test, y_test) = cifar100_resnet.load_cifar100()
+    assert x_train.shape == (128, 32, 32, 3) and x_train.dtype == np.uint8
+    assert y_train.shape == (128,) and 0 <= y_train.min() <= y_train.max() < 100
+    assert x_test.shape == (128, 32, 32, 3)
+
+
 def test_cifar100_without_data_says_what_to_do(tmp_path, capsys):
     import cifar100_resnet
 

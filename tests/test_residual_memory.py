@@ -260,7 +260,7 @@ def test_memorize_rejects_bad_memories(rng):
 
 def test_calling_before_memorize_says_what_to_do():
     memory = keras_resmem.ResidualMemory()
-    with pytest.raises(ValueError, match="call `memorize"):
+    with pytest.raises(ValueError, match="holds no memory yet.*memorize"):
         memory([np.zeros((2, 5), "float32"), np.zeros((2, 4), "float32")])
 
 

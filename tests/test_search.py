@@ -16,12 +16,31 @@ def test_exact_search_equals_brute_force(rng, chunk_size):
     np.testing.assert_array_equal(ids.numpy(), ref.knn(keys, queries, 11)[0])
 
 
-def test_auto_backend_picks_by_memory_size():
-    assert search.resolve_backend("auto", 10_000) == "exact"
-    assert search.resolve_backend("auto", search.AUTO_APPROXIMATE_THRESHOLD) == "ivf"
-    assert search.resolve_backend("exact", 10**8) == "exact"
+def test_auto_backend_follows_the_measured_cost_model():
+    # The crossovers the docs state (speed-up 2), from AUTO_SPEEDUP_MODEL.
+    for key_dim, crossover in ((16, 47_000), (64, 214_000), (256, 974_000), (1568, 7_077_000)):
+        assert search.resolve_backend("auto", int(crossover * 0.98), key_dim) == "exact"
+        assert search.resolve_backend("auto", int(crossover * 1.02), key_dim) == "ivf"
+    # The case: 210k 16-d keys. IVF searched 3.3x faster at 200k in the benchmark.
+    assert search.predicted_ivf_speedup(200_000, 16) == pytest.approx(3.29, abs=0.01)
+    assert search.resolve_backend("exact", 10**8, 16) == "exact"
+    legacy = search.Auto(threshold=search.AUTO_APPROXIMATE_THRESHOLD)
+    assert (
+        legacy.resolve(200_000, 1568).name == "ivf" and legacy.resolve(199_999, 2).name == "exact"
+    )
     with pytest.raises(ValueError, match="Received: search='faiss'"):
-        search.resolve_backend("faiss", 10)
+        search.resolve_backend("faiss", 10, 2)
+    with pytest.raises(ValueError, match="min_speedup"):
+        search.Auto(min_speedup=0)
+
+
+def test_a_v0_1_auto_config_resolves_by_the_v0_1_rule():
+    import keras_resmem
+
+    config = {"search": "auto", "memory_size": 250_000, "key_dim": 512, "num_outputs": 3}
+    # 0.1 picked IVF from 200,000 entries; the cost model would keep 512-d keys exact.
+    assert keras_resmem.ResidualMemory(**config).search_backend == "ivf"
+    assert keras_resmem.ResidualMemory(search="auto").search.threshold is None
 
 
 def test_scann_index_saves_to_plain_files_and_loads(rng, tmp_path):

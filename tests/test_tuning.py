@@ -171,3 +171,43 @@ def test_tuner_takes_tf_data_and_one_hot_labels(rng, tmp_path):
         tuner.search(verbose=0)
         scores[name] = sorted(t.score for t in tuner.oracle.trials.values())
     assert all(s == scores["arrays"] for s in scores.values()), scores
+
+
+def test_tuner_chooses_the_key_layer_on_validation(tmp_path):
+    # The label is in the input's first two features; the "noise" layer
+    # sees only the other eight, so its neighbours carry no label.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 10)).astype("float32")
+    y = (x[:, 0] > 0).astype(int) + 2 * (x[:, 1] > 0).astype(int)
+    inputs = keras.Input((10,))
+    signal = keras.layers.Dense(6, activation="tanh", name="signal")(inputs[:, :2] * 1.0)
+    noise = keras.layers.Dense(6, activation="tanh", name="noise")(inputs[:, 2:] * 1.0)
+    h = keras.layers.Concatenate()([signal * 0.0, noise])  # the network itself is weak
+    base = keras.Model(inputs, keras.layers.Dense(4, name="logits")(h))
+    train, val = (x[:400], y[:400]), (x[400:], y[400:])
+    model = keras_resmem.attach_memory(base, "noise", train, k=5, verbose=0)
+    with pytest.raises(ValueError, match="pass `train_data`"):
+        tuning.ResMemTuner(model, val, layers=["signal", "noise"], directory=tmp_path)
+    oracle = keras_tuner.oracles.GridSearchOracle(
+        objective=keras_tuner.Objective("val_accuracy", "max"), max_trials=100
+    )
+    hp = keras_tuner.HyperParameters()
+    hp.Choice("layer", ["signal", "noise"])
+    hp.Choice("k", [5])
+    hp.Choice("sigma_scale", [1.0])
+    hp.Fixed("temperature", 1.0)
+    tuner = tuning.ResMemTuner(
+        model, val, layers=["signal", "noise"], train_data=train, oracle=oracle,
+        hyperparameters=hp, directory=tmp_path, tensorboard=False,
+    )  # fmt: skip
+    assert tuner.candidates["noise"][0] is model  # its own memory is reused
+    tuner.search(verbose=0)
+    by_layer = {
+        t.hyperparameters.values["layer"]: t.metrics.get_last_value("val_accuracy")
+        for t in tuner.oracle.trials.values()
+    }
+    assert by_layer["signal"] > by_layer["noise"] + 0.2
+    assert tuner.get_best_hyperparameters()[0].values["layer"] == "signal"
+    best = tuner.get_best_models()[0]
+    accuracy = float((best.predict(val[0], verbose=0).argmax(-1) == val[1]).mean())
+    assert accuracy == pytest.approx(by_layer["signal"])

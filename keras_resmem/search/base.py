@@ -19,9 +19,17 @@ class SearchBackend(abc.ABC):
        layer's `add_weight` (so they are saved with the layer) and keep a
        reference to the key variable;
     3. `fit(verbose)`: index the keys, once they are written;
-    4. `search(queries, k)`: the ids of the `k` nearest keys, in the graph;
-    5. `keys_changed()`: the key variable was overwritten (weights loaded);
+    4. `search(queries, k)`: the positions of the `k` nearest keys, in the graph;
+    5. `entries_added(start)` / `entries_removed(kept)`: the memory grew or
+       shrank in place (`add_examples`, `forget`); by default the index is
+       built again, and a backend that can update in place overrides them;
+    6. `keys_changed()`: the key variable was overwritten (weights loaded);
        `save_assets(dir)` / `load_assets(dir)`: state that is not a variable.
+
+    The key variable's number of rows changes as the memory grows and
+    shrinks, so a backend's graph reads it with `tf.shape`, never as a
+    Python constant: a compiled `predict` then sees every change. Per-entry
+    variables of its own are created with `add_weight(..., growable=True)`.
 
     `ResidualMemory` recomputes the exact distances of the ids a backend
     returns, so an approximate backend can miss a neighbour but never
@@ -66,8 +74,10 @@ class SearchBackend(abc.ABC):
 
         Args:
             keys: the `(n, d)` float32 key variable.
-            add_weight: the layer's `add_weight`: variables created with it
-                are saved and loaded with the layer, by name.
+            add_weight: the layer's `add_weight(name, shape, dtype,
+                initializer, growable=False)`: variables created with it are
+                saved and loaded with the layer, by name; `growable=True`
+                gives one whose first dimension can change (per-entry state).
             initializer: the initializer of per-entry variables (`(n, ...)`),
                 which may leave them unwritten until `fit`.
         """
@@ -78,7 +88,25 @@ class SearchBackend(abc.ABC):
 
     @abc.abstractmethod
     def search(self, queries, k):
-        """The int32 ids `(m, k)` of the `k` nearest keys to each query `(m, d)`."""
+        """The int32 positions `(m, k)` of the `k` nearest keys to each query `(m, d)`."""
+
+    def entries_added(self, start, verbose=0):
+        """Entries were appended: keys `[start, n)` are new, earlier ones did not move.
+
+        The default indexes the whole memory again.
+        """
+        self.resolve(*self.keys.shape)
+        self.fit(verbose=verbose)
+
+    def entries_removed(self, kept, verbose=0):
+        """Entries were removed: the entry now at position `i` was at `kept[i]` before.
+
+        `kept` is a sorted int64 array of the old positions that remain. The
+        index must keep nothing of the removed entries. The default indexes
+        the whole memory again.
+        """
+        self.resolve(*self.keys.shape)
+        self.fit(verbose=verbose)
 
     def keys_changed(self):  # noqa: B027 - an optional hook
         """The key variable was overwritten (weights loaded): bring the index up to date."""
@@ -189,7 +217,7 @@ class _Searcher:
     _compiled = None
 
     def search(self, queries, k):
-        """The int32 ids `(m, k)` of the `k` nearest keys of each query `(m, d)`."""
+        """The int32 positions `(m, k)` of the `k` nearest keys of each query `(m, d)`."""
         if not tf.executing_eagerly():
             return self._search(queries, k)
         queries = _as_tensor(queries, tf.float32)

@@ -1,7 +1,5 @@
 """Exact search: chunked matmul and top-k in stock TensorFlow ops."""
 
-import math
-
 import numpy as np
 import tensorflow as tf
 
@@ -32,14 +30,21 @@ class ExactSearch(_Searcher):
         self.chunk_size = int(chunk_size)
 
     def _search(self, queries, k):
-        # Nearest first.
+        # Nearest first. The number of keys is read at run time: the memory
+        # grows and shrinks under a compiled graph.
         keys = tf.convert_to_tensor(self.keys)
-        n = int(keys.shape[0])
+        n = tf.shape(keys)[0]
 
-        if n <= self.chunk_size:
+        def whole():
             return smallest_k(l2_ranking_scores(queries, keys), k)[1]
 
-        num_chunks = math.ceil(n / self.chunk_size)
+        if keys.shape[0] is not None and keys.shape[0] <= self.chunk_size:
+            return whole()
+        return tf.cond(n <= self.chunk_size, whole, lambda: self._chunked(queries, keys, k))
+
+    def _chunked(self, queries, keys, k):
+        n = tf.shape(keys)[0]
+        num_chunks = (n + self.chunk_size - 1) // self.chunk_size
         m = tf.shape(queries)[0]
         best_d = tf.fill([m, k], tf.constant(np.inf, tf.float32))
         best_i = tf.fill([m, k], tf.constant(-1, tf.int32))
@@ -108,3 +113,9 @@ class Exact(SearchBackend):
 
     def search(self, queries, k):
         return self._kernel.search(queries, k)
+
+    def entries_added(self, start, verbose=0):
+        """Nothing to do: every key is scored."""
+
+    def entries_removed(self, kept, verbose=0):
+        """Nothing to do: every key is scored."""

@@ -147,12 +147,15 @@ class IVFSearch(_Searcher):
         offsets = tf.convert_to_tensor(self.offsets)
         ids = tf.convert_to_tensor(self.ids)
         k = tf.cast(k, tf.int32)
-        n, dim = int(keys.shape[0]), int(keys.shape[1])
-        num_partitions = int(centroids.shape[0])
+        # Sizes are read at run time: the memory grows and shrinks under a
+        # compiled graph, and the partitions may be trained again.
+        n = tf.cast(tf.shape(keys)[0], tf.float32)
+        dim = int(keys.shape[1])
+        num_partitions = tf.shape(centroids)[0]
         probes = tf.minimum(tf.cast(self.num_probes, tf.int32), num_partitions)
         c_sq = tf.reduce_sum(tf.square(centroids), axis=-1)
         # Queries per block: about `max_candidates` gathered key values each.
-        per_query = tf.cast(probes, tf.float32) * (n / num_partitions) * dim
+        per_query = tf.cast(probes, tf.float32) * (n / tf.cast(num_partitions, tf.float32)) * dim
         block = tf.maximum(1, tf.cast(self.max_candidates / per_query, tf.int32))
 
         def search_block(q):
@@ -195,6 +198,21 @@ class IVFSearch(_Searcher):
             return tf.reshape(results.concat(), [m, k])
 
         return tf.cond(m > 0, search_all, lambda: tf.zeros([0, k], tf.int32))
+
+
+# When `IVF.entries_added` trains the partitions again, rather than assigning
+# new entries to the existing ones: growth past this factor of the entries
+# the partitions were trained on, or imbalance past this factor of its value
+# after training.
+RETRAIN_GROWTH = 2.0
+RETRAIN_IMBALANCE = 1.5
+
+
+def _imbalance(offsets):
+    """`P * sum(size^2) / n^2` of partitions given by `offsets`: 1 when all are equal."""
+    sizes = np.diff(np.asarray(offsets, np.int64)).astype(np.float64)
+    n = sizes.sum()
+    return float(len(sizes) * np.square(sizes).sum() / (n * n)) if n else 1.0
 
 
 _IVF_OPTIONS = ("num_partitions", "num_probes", "training_sample_size", "iterations", "seed")
@@ -259,6 +277,9 @@ class IVF(SearchBackend):
         self.chunk_size = positive_int_option("IVF", "chunk_size", chunk_size)
         self._resolved = None
         self._probes = None
+        self._trained = None
+        # How many times `entries_added` trained the partitions again.
+        self.retrainings = 0
 
     def get_config(self):
         config = dict(self.options)
@@ -273,14 +294,16 @@ class IVF(SearchBackend):
     def build(self, keys, add_weight, initializer):
         super().build(keys, add_weight, initializer)
         p, n, d = self._resolved["num_partitions"], *keys.shape
+        # Growable: entries are added and removed in place, and the
+        # partitions may be trained again, to another count.
         self.centroids = add_weight(
-            name="ivf_centroids", shape=(p, d), initializer="zeros", trainable=False
+            name="ivf_centroids", shape=(p, d), initializer="zeros", growable=True
         )
         self.offsets = add_weight(
-            name="ivf_offsets", shape=(p + 1,), dtype="int32", initializer="zeros", trainable=False
+            name="ivf_offsets", shape=(p + 1,), dtype="int32", initializer="zeros", growable=True
         )
         self.ids = add_weight(
-            name="ivf_ids", shape=(n,), dtype="int32", initializer=initializer, trainable=False
+            name="ivf_ids", shape=(n,), dtype="int32", initializer=initializer, growable=True
         )
         self._probes = add_weight(
             name="num_probes", shape=(), dtype="int32", initializer="zeros", trainable=False
@@ -294,12 +317,92 @@ class IVF(SearchBackend):
         # A read-only view of the key variable: `.numpy()` would copy it.
         keys = np.asarray(tf.convert_to_tensor(self.keys))
         centroids, offsets, ids = train_ivf(keys, self._resolved, verbose=verbose)
+        self._install(centroids, offsets, ids)
+        self._trained = (len(keys), _imbalance(offsets))
+
+    def _install(self, centroids, offsets, ids):
         self.centroids.assign(centroids)
         self.offsets.assign(offsets)
         self.ids.assign(ids)
 
+    def _baseline(self):
+        """`(entries, imbalance)` when the partitions were trained (or loaded)."""
+        if self._trained is None:
+            self._trained = (int(self.keys.shape[0]), _imbalance(self.offsets.numpy()))
+        return self._trained
+
+    def entries_added(self, start, verbose=0):
+        """Assigns the new entries to the existing partitions; trains again past a threshold.
+
+        The partitions are trained again (k-means on the whole memory) when
+        the memory has grown to more than `RETRAIN_GROWTH` (2) times the
+        entries they were trained on, or when the partitions' imbalance
+        (`P * sum(size^2) / n^2`, 1 when every partition is the same size:
+        the expected search cost relative to balanced partitions) has grown
+        past `RETRAIN_IMBALANCE` (1.5) times its value after training.
+        """
+        trained_size, trained_imbalance = self._baseline()
+        keys = np.asarray(tf.convert_to_tensor(self.keys))
+        n = len(keys)
+        centroids = self.centroids.numpy()
+        offsets = self.offsets.numpy()
+        assign = _nearest_centroids(keys[start:], centroids)
+        sizes = np.diff(offsets) + np.bincount(assign, minlength=len(centroids))
+        new_offsets = np.zeros_like(offsets)
+        np.cumsum(sizes, out=new_offsets[1:])
+        if n > RETRAIN_GROWTH * trained_size or (
+            _imbalance(new_offsets) > RETRAIN_IMBALANCE * trained_imbalance
+        ):
+            self.retrainings += 1
+            self.resolve(n, keys.shape[1])
+            self.fit(verbose=verbose)
+            return
+        old_owner = np.repeat(np.arange(len(centroids), dtype=np.int32), np.diff(offsets))
+        owner = np.concatenate([old_owner, assign])
+        members = np.concatenate([self.ids.numpy(), np.arange(start, n, dtype=np.int32)])
+        order = np.argsort(owner, kind="stable")
+        self._install(centroids, new_offsets, members[order])
+
+    def entries_removed(self, kept, verbose=0):
+        """Drops the removed entries from their partitions, and renumbers the rest.
+
+        The centroid of every partition that held a removed entry is
+        recomputed as the mean of the entries it keeps (the mean of all the
+        entries left, for a partition left empty), so that no centroid is
+        computed from a removed entry.
+        """
+        self._baseline()
+        keys = np.asarray(tf.convert_to_tensor(self.keys))
+        offsets = self.offsets.numpy()
+        ids = self.ids.numpy()
+        num_partitions = len(offsets) - 1
+        owner = np.repeat(np.arange(num_partitions, dtype=np.int32), np.diff(offsets))
+        new_position = np.full(int(ids.max(initial=-1)) + 1, -1, np.int64)
+        new_position[kept] = np.arange(len(kept))
+        remapped = new_position[ids]
+        alive = remapped >= 0
+        touched = np.unique(owner[~alive])
+        owner, members = owner[alive], remapped[alive].astype(np.int32)
+        sizes = np.bincount(owner, minlength=num_partitions)
+        new_offsets = np.zeros_like(offsets)
+        np.cumsum(sizes, out=new_offsets[1:])
+        centroids = self.centroids.numpy()
+        if len(touched):
+            sums = tf.math.unsorted_segment_sum(
+                tf.gather(keys, members), owner, num_partitions
+            ).numpy()
+            fallback = keys.mean(axis=0) if len(keys) else np.zeros(keys.shape[1], np.float32)
+            counts = np.maximum(sizes, 1)[:, None]
+            recomputed = np.where(sizes[:, None] > 0, sums / counts, fallback[None, :])
+            centroids[touched] = recomputed[touched].astype(np.float32)
+        self._install(centroids, new_offsets, members)
+
     def search(self, queries, k):
         return self._kernel.search(queries, k)
+
+    def keys_changed(self):
+        # Loaded weights: what they hold is the new baseline for retraining.
+        self._trained = None
 
     def legacy_variable_names(self):
         return ["ivf_centroids", "ivf_offsets", "ivf_ids", "num_probes"]

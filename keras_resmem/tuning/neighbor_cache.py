@@ -56,14 +56,14 @@ class NeighborCache:
     """
 
     def __init__(self, memory, embeddings, scores, max_k, batch_size=1024):
-        if not memory.built:
+        if not memory.built or not memory.memory_size:
             raise ValueError("`memory` holds no memory yet: call `memory.memorize(...)` first.")
         max_k = _validation.k_within(max_k, memory.memory_size, name="max_k")
         batch_size = _validation.positive_int("batch_size", batch_size)
         queries = tf.reshape(tf.cast(embeddings, tf.float32), [-1, memory.key_dim])
         # `k` is passed to the search: the memory itself is not changed.
         found = [
-            memory.neighbors(queries[start : start + batch_size], k=max_k)
+            memory.nearest_positions(queries[start : start + batch_size], k=max_k)
             for start in range(0, int(queries.shape[0]), batch_size)
         ]
         ids = tf.concat([f[0] for f in found], axis=0)

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from keras_resmem import residuals as residuals_lib
 from keras_resmem.api_export import keras_resmem_export
-from keras_resmem.attach import _as_dataset, _class_ids
+from keras_resmem.attach import _as_dataset, _class_ids, attach_memory
 from keras_resmem.tuning.neighbor_cache import NeighborCache
 from keras_resmem.tuning.objectives import (
     CLASSIFICATION_OBJECTIVES,
@@ -51,6 +51,13 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
     hyperparameter); see `keras_resmem.ResidualMemory`. A hyperparameter the
     trial's method does not use is ignored.
 
+    `layers` tunes the key layer too: one memory is built per candidate layer
+    from `train_data` (the model's own memory is reused for its layer), and a
+    `layer` hyperparameter chooses among them. Distances differ from layer to
+    layer, so `sigma` is then searched as `sigma_scale`, a multiple of each
+    layer's median nearest-neighbour distance (`sigma = sigma_scale * scale`);
+    `load_model` and `get_best_models` give the absolute `sigma`.
+
     Args:
         model: the model returned by `keras_resmem.attach_memory`.
         validation_data: carved from the training data, in any form
@@ -69,6 +76,10 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
             `temperature` (ResMem and interpolation), `knn_weight`
             (interpolation) and `method` (several methods); default
             `default_hyperparameters()`.
+        layers: optional names of candidate key layers (as `attach_memory`
+            takes them) to choose among.
+        train_data: with `layers`: the data the memories are built from, as
+            `attach_memory` takes it (the data `model`'s memory holds).
         memory_layer: the name of the `ResidualMemory` layer in `model`.
         batch_size: batch size of the one pass over the validation set.
         tensorboard: whether to write HParams logs.
@@ -107,6 +118,8 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
         max_trials=100,
         hyperparameters=None,
         seed=None,
+        layers=None,
+        train_data=None,
         memory_layer="residual_memory",
         batch_size=1024,
         tensorboard=True,
@@ -150,7 +163,11 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
         self.fpr_bound = float(fpr_bound)
         self.batch_size = batch_size
         self.tensorboard = tensorboard
-        self._cache = None
+        self._caches = None
+        # `{layer: (model, memory)}`; one entry, keyed None, without `layers`.
+        self.candidates = {None: (model, self.memory)}
+        if layers is not None:
+            self.candidates = self._build_candidates(layers, train_data)
         super().__init__(
             oracle,
             directory=directory,
@@ -166,8 +183,52 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
             )
         self.oracle.update_space(space)
 
+    def _build_candidates(self, layers, train_data):
+        """One memory per key layer, with the tuned memory's settings."""
+        layers = [layers] if isinstance(layers, str) else list(layers)
+        if not layers or len(set(layers)) != len(layers):
+            raise ValueError(
+                f"`layers` must be a non-empty list of distinct layer names. Received: {layers!r}"
+            )
+        if train_data is None:
+            raise ValueError(
+                "`layers` builds one memory per candidate key layer from `train_data`, the "
+                "data the model's memory was built from; pass `train_data`."
+            )
+        embedding, output = self.memory.input
+        base = keras.Model(self.model.inputs, output, name=self.model.name)
+        own = embedding._keras_history.operation.name
+        memory = self.memory
+        candidates = {}
+        for layer in layers:
+            if layer == own:
+                candidates[layer] = (self.model, memory)
+                continue
+            resmem = attach_memory(
+                base,
+                layer,
+                train_data,
+                k=memory.k,
+                sigma=memory.sigma,
+                temperature=memory.temperature,
+                task=memory.task,
+                from_logits=memory.from_logits,
+                search=memory.search.clone(),
+                sparse_residuals=memory.sparse_residuals,
+                batch_size=self.batch_size,
+                verbose=0,
+            )
+            candidates[layer] = (resmem, resmem.get_layer("residual_memory"))
+        return candidates
+
+    @property
+    def _layered(self):
+        return None not in self.candidates
+
     def _required_names(self):
-        names = {"k", "sigma"}
+        names = {"k", "sigma_scale" if self._layered else "sigma"}
+        if self._layered:
+            names.add("layer")
         # A sparse memory's ResMem temperature is fixed when it is built.
         uses_temperature = {"interpolation"} | (
             set() if self.memory.sparse_residuals is not None else {"resmem"}
@@ -188,49 +249,69 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
         [0, 1]; with several methods, a `method` choice.
         """
         hp = keras_tuner.HyperParameters()
-        scale = self._distance_scale()
         names = self._required_names()
+        if "layer" in names:
+            hp.Choice("layer", list(self.candidates))
         if "method" in names:
             hp.Choice("method", self.methods)
-        hp.Int("k", 1, min(200, self.memory.memory_size), sampling="log")
-        hp.Float("sigma", scale / 20, scale * 20, sampling="log")
+        smallest = min(memory.memory_size for _, memory in self.candidates.values())
+        hp.Int("k", 1, min(200, smallest), sampling="log")
+        if "sigma_scale" in names:
+            hp.Float("sigma_scale", 1 / 20, 20.0, sampling="log")
+        else:
+            scale = self._distance_scale(self.memory)
+            hp.Float("sigma", scale / 20, scale * 20, sampling="log")
         if "temperature" in names:
             hp.Float("temperature", 0.1, 5.0, sampling="log")
         if "knn_weight" in names:
             hp.Float("knn_weight", 0.0, 1.0)
         return hp
 
+    def _trial_memory(self, values):
+        """`(model, memory)` of a trial's key layer."""
+        return self.candidates[values["layer"] if self._layered else None]
+
     def _trial_settings(self, values):
         """The `NeighborCache.predict` (and memory attribute) settings of a trial."""
         method = values.get("method", self.methods[0])
-        settings = {"method": method, "k": values["k"], "sigma": values["sigma"]}
-        if method == "resmem" and self.memory.sparse_residuals is not None:
-            settings["temperature"] = self.memory.temperature
+        _, memory = self._trial_memory(values)
+        if self._layered:
+            sigma = values["sigma_scale"] * self._distance_scale(memory)
+        else:
+            sigma = values["sigma"]
+        settings = {"method": method, "k": values["k"], "sigma": sigma}
+        if method == "resmem" and memory.sparse_residuals is not None:
+            settings["temperature"] = memory.temperature
         elif method != "knn" and "temperature" in values:
             settings["temperature"] = values["temperature"]
         if method == "interpolation":
             settings["knn_weight"] = values["knn_weight"]
         return settings
 
-    def _distance_scale(self):
-        """Median distance from a memory entry to its nearest other entry."""
-        n = self.memory.memory_size
-        ids = np.random.default_rng(0).permutation(n)[:256]
-        sample = tf.gather(self.memory.keys, ids)  # 256 rows, not a copy of the table
-        _, distances, _ = self.memory.neighbors(sample, k=min(2, n))
-        scale = float(np.median(distances.numpy()[:, -1]))
-        return scale if scale > 0 else 1.0
+    def _distance_scale(self, memory):
+        """Median distance from a memory entry to its nearest other entry (cached)."""
+        scales = self.__dict__.setdefault("_scales", {})
+        if id(memory) not in scales:
+            n = memory.memory_size
+            ids = np.random.default_rng(0).permutation(n)[:256]
+            sample = tf.gather(memory.keys, ids)  # 256 rows, not a copy of the table
+            _, distances, _ = memory.neighbors(sample, k=min(2, n))
+            scale = float(np.median(distances.numpy()[:, -1]))
+            scales[id(memory)] = scale if scale > 0 else 1.0
+        return scales[id(memory)]
 
     def on_search_begin(self):
         super().on_search_begin()
-        if self._cache is not None:
+        if self._caches is not None:
             return
-        embeddings, scores, y_val = self._validation_outputs()
         k_space = next(hp for hp in self.oracle.get_space().space if hp.name == "k")
         max_k = int(_largest_value(k_space))
-        self._cache = NeighborCache(
-            self.memory, embeddings, scores, max_k, batch_size=self.batch_size
-        )
+        self._caches = {}
+        for layer, (model, memory) in self.candidates.items():
+            embeddings, scores, y_val = self._validation_outputs(model, memory)
+            self._caches[layer] = NeighborCache(
+                memory, embeddings, scores, max_k, batch_size=self.batch_size
+            )
         num_outputs = self.memory.num_outputs
         scores = scores.reshape(-1, num_outputs)
         if self.memory.task == "regression":
@@ -240,13 +321,13 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
             self._y_val = _class_ids(y_val.reshape(len(scores), -1), num_outputs, 0).reshape(-1)
             self._deepnet = scores.argmax(-1)
 
-    def _validation_outputs(self):
+    def _validation_outputs(self, model, memory):
         """The network's embeddings and outputs on the validation data, and its labels.
 
         The same forms as `attach_memory`: arrays `(x, y)`, or a `tf.data.Dataset`
         of `(x, y)` (batched or not), read once; integer or one-hot labels.
         """
-        features = keras.Model(self.model.inputs, self.memory.input)
+        features = keras.Model(model.inputs, memory.input)
         data = self.validation_data
         dataset = _as_dataset(data, self.batch_size, len(self.model.inputs[0].shape))
         parts = [[], [], []]
@@ -259,7 +340,9 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
         return tuple(np.concatenate(part) for part in parts)
 
     def run_trial(self, trial, *args, **kwargs):
-        scores = self._cache.predict(**self._trial_settings(trial.hyperparameters.values))
+        values = trial.hyperparameters.values
+        cache = self._caches[values["layer"] if self._layered else None]
+        scores = cache.predict(**self._trial_settings(values))
         metrics = trial_metrics(
             self._y_val, self._deepnet, scores, self.fpr_bound, task=self.memory.task
         )
@@ -286,5 +369,7 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
         index of the tuned model (nothing is copied); the tuned model is not
         changed.
         """
-        memory = self.memory._with_settings(**self._trial_settings(trial.hyperparameters.values))
-        return keras.Model(self.model.inputs, memory(self.memory.input), name=self.model.name)
+        values = trial.hyperparameters.values
+        model, tuned = self._trial_memory(values)
+        memory = tuned._with_settings(**self._trial_settings(values))
+        return keras.Model(model.inputs, memory(tuned.input), name=model.name)
