@@ -20,12 +20,15 @@ from keras_resmem import callbacks, datasets, diagnostics, search, tuning  # noq
 from keras_resmem.attach import attach_memory  # noqa: E402
 from keras_resmem.diagnostics import Comparison, compare  # noqa: E402
 from keras_resmem.export import export_saved_model  # noqa: E402
+from keras_resmem.input_guard import NonFiniteInputGuard  # noqa: E402
 from keras_resmem.lifecycle import add_examples, forget, memorize  # noqa: E402
 from keras_resmem.residual_memory import ResidualMemory  # noqa: E402
+from keras_resmem.saving import save_model  # noqa: E402
 from keras_resmem.version import __version__  # noqa: E402
 
 __all__ = [
     "Comparison",
+    "NonFiniteInputGuard",
     "ResidualMemory",
     "__version__",
     "add_examples",
@@ -37,6 +40,7 @@ __all__ = [
     "export_saved_model",
     "forget",
     "memorize",
+    "save_model",
     "search",
     "tuning",
 ]

@@ -10,6 +10,7 @@ import numpy as np
 
 # The smallest positive float32: a scale below it is 0 in the graph's float32.
 _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def positive_int(name, value):
@@ -26,10 +27,10 @@ def positive_float(name, value):
     ):
         raise ValueError(f"`{name}` must be a positive number. Received: {name}={value!r}")
     value = float(value)
-    if not (math.isfinite(value) and value >= _FLOAT32_TINY and value <= np.finfo("float32").max):
+    if not (math.isfinite(value) and _FLOAT32_TINY <= value <= _FLOAT32_MAX):
         raise ValueError(
             f"`{name}` must be a positive, finite number that float32 can hold "
-            f"(from {_FLOAT32_TINY:.3g} to {float(np.finfo('float32').max):.3g}). "
+            f"(from {_FLOAT32_TINY:.3g} to {_FLOAT32_MAX:.3g}). "
             f"Received: {name}={value!r}"
         )
     return value

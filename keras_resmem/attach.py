@@ -1,6 +1,7 @@
 """`attach_memory`: turn a trained Keras model into its ResMem model."""
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -8,6 +9,7 @@ import tensorflow as tf
 
 from keras_resmem import _validation
 from keras_resmem.api_export import keras_resmem_export
+from keras_resmem.input_guard import NonFiniteInputGuard
 from keras_resmem.residual_memory import ResidualMemory
 
 
@@ -151,14 +153,59 @@ def _inline(functional, inputs, path):
     return outputs, found[0]
 
 
-def _outputs_are_probabilities(output_tensor):
-    """Whether the model's output layer ends in a softmax."""
-    layer = output_tensor._keras_history.operation
-    if isinstance(layer, keras.layers.Softmax):
+# Layers that pass their input through unchanged at inference.
+_PASS_THROUGH = (
+    keras.layers.Identity,
+    keras.layers.Dropout,
+    keras.layers.GaussianNoise,
+    keras.layers.GaussianDropout,
+    keras.layers.AlphaDropout,
+    keras.layers.ActivityRegularization,
+)
+
+
+def _is_softmax(operation):
+    # A `Softmax` layer, or Keras's `ops.softmax` (which `activations.softmax` calls).
+    if isinstance(operation, keras.layers.Softmax) or type(operation).__name__ == "Softmax":
         return True
-    activation = getattr(layer, "activation", None)
+    activation = getattr(operation, "activation", None)
     return activation is keras.activations.softmax or (
         getattr(activation, "__name__", None) == "softmax"
+    )
+
+
+def _passes_through(operation):
+    if isinstance(operation, (*_PASS_THROUGH, NonFiniteInputGuard)):
+        return True
+    activation = getattr(operation, "activation", None)
+    return isinstance(operation, keras.layers.Activation) and (
+        getattr(activation, "__name__", None) == "linear"
+    )
+
+
+def _outputs_are_probabilities(output_tensor):
+    """Whether the model's output ends in a softmax, through any pass-through layers."""
+    tensor = output_tensor
+    for _ in range(64):
+        operation, node_index, _ = tensor._keras_history
+        if _is_softmax(operation):
+            return True
+        if not _passes_through(operation):
+            return False
+        inputs = operation._inbound_nodes[node_index].input_tensors
+        if isinstance(operation, NonFiniteInputGuard):
+            inputs = inputs[-1:]  # the guarded output
+        if len(inputs) != 1:
+            return False
+        tensor = inputs[0]
+    return False
+
+
+def _look_like_probabilities(scores):
+    """Whether every row of `scores` is non-negative and sums to 1: a softmax's output."""
+    scores = scores.reshape(-1, scores.shape[-1]).astype(np.float64)
+    return bool(
+        len(scores) and (scores >= 0).all() and np.allclose(scores.sum(axis=1), 1.0, atol=1e-4)
     )
 
 
@@ -305,6 +352,13 @@ def _batch_entries(step, emb, out, y, sample_weight, task, ids=None):
             f"Batch {step} of `data` has sample weights of shape {weight.shape}; they must "
             f"have the outputs' leading shape {lead} (one weight per entry)."
         )
+    bad = ~np.isfinite(weight.reshape(n)) | (weight.reshape(n) < 0)
+    if bad.any():
+        raise ValueError(
+            f"Sample weights must be finite and not negative (0 leaves an entry out). "
+            f"Received: {weight.reshape(n)[bad][0]} in batch {step}, at entry "
+            f"{int(np.argmax(bad))} of the batch."
+        )
     kept = weight.reshape(n) != 0
     return keys[kept], out[kept], y[kept], None if ids is None else ids[kept], int(kept.sum())
 
@@ -340,6 +394,42 @@ def _predict_function(model, embedding, output):
     return predict
 
 
+def _check_head(memory, scores, detect):
+    """Catches a probability output taken for logits (see `_fill_memory`)."""
+    if memory.task != "classification" or not memory.from_logits:
+        return
+    if not _look_like_probabilities(scores):
+        return
+    if detect:
+        memory.from_logits = False
+        return
+    warnings.warn(
+        "The model's outputs look like probabilities (every row of the first batch is "
+        "non-negative and sums to 1), but the memory treats them as logits "
+        "(from_logits=True). If the model ends in a softmax, pass from_logits=False.",
+        stacklevel=4,
+    )
+
+
+def _check_finite_inputs(x, step, first_example):
+    """Raises on an example whose float inputs hold NaN or infinity, naming it.
+
+    The network may map such an input to finite values (a ReLU maps NaN to
+    0), which would then be memorized without a trace of the problem.
+    """
+    for part in tf.nest.flatten(x):
+        if not part.dtype.is_floating:
+            continue
+        rows = tf.reshape(tf.math.is_finite(part), [tf.shape(part)[0], -1])
+        bad = ~tf.reduce_all(rows, axis=1).numpy()
+        if bad.any():
+            raise ValueError(
+                f"The inputs of {int(bad.sum())} example(s) in batch {step} of `data` hold NaN "
+                f"or infinite values (the first: example {first_example + int(np.argmax(bad))} "
+                "of the data). A memory is not built from them."
+            )
+
+
 def _with_ids(data, ids):
     """Array `data` with `ids` (one per example) as a dict; `data` itself if `ids` is None."""
     if ids is None:
@@ -366,31 +456,48 @@ def _with_ids(data, ids):
 
 
 def _fill_memory(
-    memory, predict, data, model, output, *, batch_size, verbose, ids=None, append=False
+    memory,
+    predict,
+    data,
+    model,
+    output,
+    *,
+    batch_size,
+    verbose,
+    ids=None,
+    append=False,
+    detect_probabilities=False,
 ):
     """Runs the network over `data` once and fills `memory` (one streamed pass).
 
     With `append`, the entries are added to the memory (`add_examples`); else
-    they replace it.
+    they replace it. With `detect_probabilities`, a classification memory
+    set for logits switches to probabilities if the first batch's outputs
+    are all softmax rows (a head no graph check recognises: a `Lambda`).
     """
     task, num_outputs = memory.task, output.shape[-1]
     data = _with_ids(data, ids)
     dataset = _as_dataset(data, batch_size, len(model.inputs[0].shape), allow_ids=True)
     positions = None if None in output.shape[1:-1] else math.prod(output.shape[1:-1])
     first_id = memory._next_id() if append else 0
-    writer = memory._writer(capacity=_num_entries(data, positions), first_id=first_id)
+    writer = None
     cardinality = int(dataset.cardinality())
     progbar = keras.utils.Progbar(
         cardinality if cardinality > 0 else None, verbose=verbose, unit_name="batch"
     )
-    seen = 0
+    seen = examples = 0
     for step, batch in enumerate(dataset):
         if isinstance(batch, dict):
             x, y, batch_ids = batch["x"], batch["y"], batch.get("ids")
             rest = () if "sample_weight" not in batch else (batch["sample_weight"],)
         else:
             x, y, batch_ids, rest = batch[0], batch[1], None, batch[2:]
+        _check_finite_inputs(x, step, examples)
+        examples += int(tf.shape(tf.nest.flatten(x)[0])[0])
         emb, out = (t.numpy() for t in predict(x))
+        if writer is None:
+            _check_head(memory, out, detect_probabilities)
+            writer = memory._writer(capacity=_num_entries(data, positions), first_id=first_id)
         keys, out, y, batch_ids, kept = _batch_entries(
             step,
             emb,
@@ -558,12 +665,27 @@ def attach_memory(
     if data is None and ids is not None:
         raise ValueError("`ids` name the examples of `data`; received ids but no data.")
     # Called on the network's tensors first: the memory is built empty, then filled.
-    prediction = memory([embedding, output])
+    # An example with a non-finite input gets NaN scores, even where the network
+    # maps it to finite values.
+    float_inputs = [x for x in model.inputs if "float" in str(x.dtype)]
+    guarded = output
+    already = isinstance(output._keras_history.operation, NonFiniteInputGuard)
+    if float_inputs and not already:
+        guarded = NonFiniteInputGuard(name="non_finite_input_guard")([*float_inputs, output])
+    prediction = memory([embedding, guarded])
     resmem = keras.Model(model.inputs, prediction, name=name or f"{model.name}_resmem")
     if data is not None:
         predict = _predict_function(model, embedding, output)
         _fill_memory(
-            memory, predict, data, model, output, batch_size=batch_size, verbose=verbose, ids=ids
+            memory,
+            predict,
+            data,
+            model,
+            output,
+            batch_size=batch_size,
+            verbose=verbose,
+            ids=ids,
+            detect_probabilities=from_logits is None,
         )
     # Compiled for its output, probabilities (not the base model's logits), so that
     # `evaluate` works and no loss written for logits is reused by mistake. Plain

@@ -57,7 +57,8 @@ def export_saved_model(
     - `resmem_scores`: the ResMem prediction, `(batch, num_outputs)`;
     - `deepnet_scores`: the network's own output, unchanged (logits or
       probabilities, whichever the network returns);
-    - `class_ids`: classification only: `argmax(resmem_scores)`, int64;
+    - `class_ids`: classification only: `argmax(resmem_scores)`, int64; -1
+      for a row whose input is not finite (its scores are NaN);
     - `neighbor_ids`, `neighbor_weights`: if `include_neighbors`: the int64
       entry ids of the `k` nearest neighbours (see `keras_resmem.memorize`;
       by default the training examples' positions) and their weights,
@@ -133,7 +134,10 @@ def export_saved_model(
         )
         out = {"resmem_scores": prediction, "deepnet_scores": tf.identity(scores)}
         if classification:
-            out["class_ids"] = tf.argmax(prediction, axis=-1)
+            # -1 for a row with non-finite scores (a non-finite input): never
+            # a confident class out of NaN.
+            valid = tf.reduce_all(tf.math.is_finite(prediction), axis=-1)
+            out["class_ids"] = tf.where(valid, tf.argmax(prediction, axis=-1), -1)
         if include_neighbors:
             out.update(neighbor_ids=ids, neighbor_weights=weights)
         return out

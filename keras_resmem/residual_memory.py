@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_resmem import _validation, _variables
+from keras_resmem import _integrity, _validation, _variables
 from keras_resmem import memory_writer as writer_lib
 from keras_resmem import residuals as residuals_lib
 from keras_resmem import search as search_lib
@@ -848,6 +848,14 @@ class ResidualMemory(keras.layers.Layer):
         batch_shape = tf.shape(scores)[:-1]
         flat_scores = tf.reshape(scores, [-1, self.num_outputs])
         queries = tf.reshape(tf.cast(embeddings, tf.float32), [-1, self.key_dim])
+        # A query row with NaN or infinity (in its key or the network's
+        # output) gets NaN scores; it is searched as zeros, so that it never
+        # fails or changes the other rows of its batch.
+        finite = tf.logical_and(
+            tf.reduce_all(tf.math.is_finite(queries), axis=-1),
+            tf.reduce_all(tf.math.is_finite(flat_scores), axis=-1),
+        )
+        queries = tf.where(finite[:, None], queries, 0.0)
         ids, distances = self._search_neighbors(queries, self._hparam_tensor("k"), searcher)
         # Only the chosen method's branch runs (and gathers what it needs).
         prediction, weights = tf.switch_case(
@@ -857,6 +865,8 @@ class ResidualMemory(keras.layers.Layer):
                 for method in residuals_lib.METHODS
             ],
         )
+        prediction = tf.where(finite[:, None], prediction, np.nan)
+        weights = tf.where(finite[:, None], weights, np.nan)
         prediction = tf.reshape(prediction, tf.shape(scores))
         if not return_neighbors:
             return prediction
@@ -930,9 +940,37 @@ class ResidualMemory(keras.layers.Layer):
         self._bases = {}
         if _IDS not in store.keys():  # saved before ids: entries are numbered by position
             self._entry_vars[_IDS].assign(np.arange(self.memory_size, dtype=np.int64))
+        try:
+            # Before any graph or native code reads them (a file is untrusted input).
+            self._check_loaded()
+        except BaseException:
+            self._fill_failed = True
+            raise
         self._fill_failed = False
         # The index may no longer match the keys; the backend catches up.
         self._backend.keys_changed()
+
+    def _variable_arrays(self):
+        """The layer's variables as NumPy arrays (views, not copies), by name."""
+        return {v.name: np.asarray(tf.convert_to_tensor(v)) for v in self.variables}
+
+    def _check_loaded(self):
+        """Checks loaded values: entries, hyperparameters and the backend's own state."""
+        arrays = self._variable_arrays()
+        _integrity.check_entries(
+            self.name,
+            {name: arrays[name] for name in self._entry_vars},
+            task=self.task,
+            num_outputs=self.num_outputs,
+            memory_size=self.memory_size,
+            key_dim=self.key_dim,
+        )
+        _integrity.check_hparams(
+            self.name, {name: arrays[name] for name in _HPARAM_DTYPES}, self.memory_size
+        )
+        self._backend.check_loaded(
+            arrays, lambda part, problem: _integrity.fail(self.name, part, problem)
+        )
 
     def _legacy_store(self, store):
         """A version 0.1 file's variables (saved by position), by name."""
@@ -959,9 +997,14 @@ class ResidualMemory(keras.layers.Layer):
         return {name: store[str(i)] for i, name in enumerate(names[:n])}
 
     def save_assets(self, dir_path):
+        self._check_ready()
         self._backend.save_assets(dir_path)
+        # Of everything saved: the variables and the backend's files.
+        _integrity.write_digest(dir_path, self._variable_arrays())
 
     def load_assets(self, dir_path):
+        # Variables are loaded first (Keras's order): the digest covers both.
+        _integrity.check_digest(self.name, dir_path, self._variable_arrays())
         self._backend.load_assets(dir_path)
 
     def get_config(self):

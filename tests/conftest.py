@@ -14,6 +14,12 @@ def pytest_addoption(parser):
     )
 
 
+def pytest_configure(config):
+    if config.getoption("--run-large"):
+        # Read by suites that scale their examples with it (tests/test_fuzz.py).
+        os.environ["KERAS_RESMEM_LARGE"] = "1"
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--run-large"):
         return

@@ -158,7 +158,7 @@ def test_k_larger_than_the_memory(rng):
 def test_nan_or_infinite_embeddings(rng):
     x, y = toy_data(rng)
     x[123, 0] = np.nan  # tanh(inf) is finite; NaN propagates to the embedding
-    with pytest.raises(ValueError, match="NaN or infinite values.*entry 123"):
+    with pytest.raises(ValueError, match="NaN or infinite values.*example 123"):
         keras_resmem.attach_memory(
             functional_model(), "pre_logits", (x, y), batch_size=50, verbose=0
         )

@@ -58,3 +58,14 @@ def test_auto_crossover_fits_what_it_measured_and_refits_the_same(tmp_path):
     # `crossover` inverts the model: its prediction there is the speed-up asked for.
     n = auto_crossover.crossover(model, 16, 2.0)
     assert np.exp(model["a"] * np.log(n) + model["b"] * np.log(16) + model["c"]) == pytest.approx(2)
+
+
+@pytest.mark.large
+def test_soak_of_every_savedmodel_mode_finds_no_difference(tmp_path):
+    import soak
+
+    results = soak.main(["--seconds", "20", "--output-dir", str(tmp_path)])
+    for name, row in results["exports"].items():
+        assert row["calls"] > 100, name
+        assert row["different"] == 0 and row["errors"] == 0, (name, row)
+    assert (tmp_path / "soak.md").exists()

@@ -7,6 +7,7 @@ import keras_resmem
 def test_public_api_is_small_and_registered():
     assert set(keras_resmem.__all__) == {
         "Comparison",
+        "NonFiniteInputGuard",
         "ResidualMemory",
         "__version__",
         "add_examples",
@@ -18,6 +19,7 @@ def test_public_api_is_small_and_registered():
         "export_saved_model",
         "forget",
         "memorize",
+        "save_model",
         "search",
         "tuning",
     }

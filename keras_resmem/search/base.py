@@ -108,6 +108,14 @@ class SearchBackend(abc.ABC):
         self.resolve(*self.keys.shape)
         self.fit(verbose=verbose)
 
+    def check_loaded(self, arrays, fail):  # noqa: B027 - an optional hook
+        """Checks the backend's loaded variables before anything reads them.
+
+        Args:
+            arrays: the layer's variables as NumPy arrays, by name.
+            fail: `fail(part, problem)` raises the layer's error.
+        """
+
     def keys_changed(self):  # noqa: B027 - an optional hook
         """The key variable was overwritten (weights loaded): bring the index up to date."""
 

@@ -404,6 +404,22 @@ class IVF(SearchBackend):
         # Loaded weights: what they hold is the new baseline for retraining.
         self._trained = None
 
+    def check_loaded(self, arrays, fail):
+        n, d = arrays["keys"].shape
+        centroids, offsets, ids = (arrays[f"ivf_{x}"] for x in ("centroids", "offsets", "ids"))
+        if centroids.ndim != 2 or centroids.shape[1] != d or len(centroids) < 1:
+            fail("`ivf_centroids`", f"has shape {centroids.shape}, not (partitions, {d})")
+        if not np.isfinite(centroids).all():
+            fail("`ivf_centroids`", "holds NaN or infinite values")
+        if offsets.shape != (len(centroids) + 1,):
+            fail("`ivf_offsets`", f"has shape {offsets.shape}, not ({len(centroids) + 1},)")
+        if offsets[0] != 0 or offsets[-1] != n or (np.diff(offsets) < 0).any():
+            fail("`ivf_offsets`", f"must rise from 0 to the {n} entries")
+        if ids.shape != (n,) or not np.array_equal(np.sort(ids), np.arange(n)):
+            fail("`ivf_ids`", f"must list every entry 0..{n - 1} once")
+        if "num_probes" in arrays and int(arrays["num_probes"]) < 1:
+            fail("`num_probes`", f"is {int(arrays['num_probes'])}, not positive")
+
     def legacy_variable_names(self):
         return ["ivf_centroids", "ivf_offsets", "ivf_ids", "num_probes"]
 

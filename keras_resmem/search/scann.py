@@ -179,6 +179,122 @@ _SCANN_TENSORS = (
 )
 
 
+def check_index_files(dir_path, memory_size, key_dim):
+    """Checks a saved ScaNN index in Python before ScaNN's native code reads it.
+
+    ScaNN's loader trusts its input: an out-of-range token, an empty or
+    truncated partitioner crash the process (SIGSEGV, SIGABRT), whatever
+    Keras's `safe_mode`. Here the protos are parsed with Python's protobuf
+    and the arrays read with NumPy, and everything the loader indexes with
+    is checked against the memory: the key width, the number of entries,
+    token ids within the leaf count, hash codes within the codebook.
+
+    Raises:
+        ValueError: naming the file and the problem.
+    """
+    from google.protobuf.message import DecodeError
+    from scann.partitioning import partitioner_pb2
+    from scann.proto import centers_pb2, scann_pb2
+
+    def fail(name, problem):
+        raise ValueError(
+            f"The saved ScaNN index is invalid: {name} {problem} (memory: {memory_size} "
+            f"entries of {key_dim}-d keys). The file is corrupt or was modified; it was not "
+            "loaded."
+        )
+
+    def proto(name, message):
+        path = os.path.join(dir_path, f"{name}.bin")
+        if not os.path.exists(path):
+            return None
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            message.ParseFromString(data)
+        except (DecodeError, RuntimeError, ValueError) as e:
+            fail(f"{name}.bin", f"does not parse ({e})")
+        if not data:
+            fail(f"{name}.bin", "is empty")
+        return message
+
+    def array(name, dtype):
+        path = os.path.join(dir_path, f"{name}.npy")
+        if not os.path.exists(path):
+            fail(f"{name}.npy", "is missing")
+        try:
+            value = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            fail(f"{name}.npy", f"cannot be read ({e})")
+        if value.dtype != np.dtype(dtype):
+            fail(f"{name}.npy", f"has dtype {value.dtype}, not {np.dtype(dtype)}")
+        return value if value.ndim else None  # a scalar: the index does not use it
+
+    config = proto("scann_config", scann_pb2.ScannConfig())
+    if config is None:
+        fail("scann_config.bin", "is missing")
+    if config.distance_measure.distance_measure != "SquaredL2Distance":
+        fail("scann_config.bin", f"names distance {config.distance_measure.distance_measure!r}")
+    tokens = array("datapoint_to_token", np.int32)
+    partitioner = proto("serialized_partitioner", partitioner_pb2.SerializedPartitioner())
+    if config.HasField("partitioning"):
+        if partitioner is None:
+            fail("serialized_partitioner.bin", "is missing, but the config has a tree")
+        if partitioner.HasField("linear_projection") or partitioner.uses_projection:
+            fail("serialized_partitioner.bin", "is not a k-means tree")
+        root = partitioner.kmeans.kmeans_tree.root
+        leaves = int(partitioner.n_tokens)
+        if leaves < 1 or len(root.centers) != leaves or len(root.children) != leaves:
+            fail(
+                "serialized_partitioner.bin",
+                f"has {leaves} tokens, {len(root.centers)} centers and {len(root.children)} "
+                "leaves; they must be equal and positive",
+            )
+        if config.partitioning.num_children != leaves:
+            fail("scann_config.bin", f"has {config.partitioning.num_children} leaves, not {leaves}")
+        for i, center in enumerate(root.centers):
+            width = len(center.dimension) or len(center.float_dimension)
+            if width != key_dim:
+                fail("serialized_partitioner.bin", f"has a {width}-d center (leaf {i})")
+        leaf_ids = sorted(child.leaf_id for child in root.children)
+        if leaf_ids != list(range(leaves)) or any(len(c.children) for c in root.children):
+            fail("serialized_partitioner.bin", "is not a one-level tree with leaves 0..n-1")
+        if tokens is None or tokens.shape != (memory_size,):
+            fail("datapoint_to_token.npy", f"must hold one token per entry ({memory_size})")
+        if tokens.min() < 0 or tokens.max() >= leaves:
+            fail(
+                "datapoint_to_token.npy",
+                f"holds tokens from {tokens.min()} to {tokens.max()}, outside [0, {leaves})",
+            )
+    elif partitioner is not None or tokens is not None and tokens.size:
+        fail("serialized_partitioner.bin", "is present, but the config has no tree")
+    hashed = array("hashed_dataset", np.uint8)
+    codebook = proto("ah_codebook", centers_pb2.CentersForAllSubspaces())
+    if config.HasField("hash"):
+        blocks = config.hash.asymmetric_hash.projection.num_blocks
+        per_block = config.hash.asymmetric_hash.num_clusters_per_block
+        if hashed is None or hashed.shape != (memory_size, blocks):
+            fail("hashed_dataset.npy", f"must have shape ({memory_size}, {blocks})")
+        if hashed.size and int(hashed.max()) >= per_block:
+            fail("hashed_dataset.npy", f"holds codes up to {hashed.max()}, not below {per_block}")
+        if codebook is not None and (
+            len(codebook.subspace_centers) != blocks
+            or any(len(sub.center) != per_block for sub in codebook.subspace_centers)
+        ):
+            fail("ah_codebook.bin", f"does not have {blocks} blocks of {per_block} centers")
+    elif hashed is not None and hashed.size:
+        fail("hashed_dataset.npy", "is present, but the config has no hashing")
+    int8 = array("int8_dataset", np.int8)
+    if int8 is not None and int8.size and int8.shape != (memory_size, key_dim):
+        fail("int8_dataset.npy", f"must have shape ({memory_size}, {key_dim})")
+    for name, shape in (("int8_multipliers", (key_dim,)), ("dp_norms", (memory_size,))):
+        value = array(name, np.float32)
+        if value is not None and value.size:
+            if value.shape != shape:
+                fail(f"{name}.npy", f"must have shape {shape}")
+            if not np.isfinite(value).all():
+                fail(f"{name}.npy", "holds NaN or infinite values")
+
+
 def _destroy_resource(handle):
     # A finalizer: the garbage collector may call it while some function is
     # being traced. `init_scope` runs the op eagerly, outside that graph;
@@ -307,7 +423,9 @@ class ScannSearch(_Searcher):
         ids, _ = _scann_ops().scann_search_batched(
             self.handle, queries, k, *self._search_depth(k), False
         )
-        if ids.shape[0] and ids.shape[1] != int(k):
+        if not ids.shape[0]:  # ScaNN's op gives (0, 1) for no queries
+            return tf.zeros([0, int(k)], tf.int32)
+        if ids.shape[1] != int(k):
             raise tf.errors.InvalidArgumentError(
                 None, None, f"{_SCANN_SHORT_RESULT} k={int(k)}, ids found: {ids.shape[1]}"
             )
@@ -596,7 +714,13 @@ class ScaNN(SearchBackend):
     def save_assets(self, dir_path):
         self._ensure_kernel().save(dir_path)
 
+    def check_loaded(self, arrays, fail):
+        leaves = int(arrays["leaves_to_search"]) if "leaves_to_search" in arrays else -1
+        if leaves == 0 or leaves < -1:
+            fail("`leaves_to_search`", f"is {leaves}, neither -1 (the index's own) nor positive")
+
     def load_assets(self, dir_path):
+        check_index_files(dir_path, *self.keys.shape)
         self._install(
             lambda: ScannSearch.load(
                 dir_path, self.keys, self._resolved, shared_name=self._shared_name
