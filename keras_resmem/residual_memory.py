@@ -200,11 +200,17 @@ class ResidualMemory(keras.layers.Layer):
         # The buffers the entry variables hold the first rows of, with spare
         # rows after them (see `_append`).
         self._bases = {}
-        self.k = k
-        self.sigma = sigma
-        self.temperature = temperature
-        self.method = method
-        self.knn_weight = knn_weight
+        # Through the setters themselves: TensorFlow's attribute tracking skips
+        # `self.x = value` when `self.x is value`, and an unset value reads as
+        # None, so `sigma=None` would never be checked.
+        for name, value in (
+            ("k", k),
+            ("sigma", sigma),
+            ("temperature", temperature),
+            ("method", method),
+            ("knn_weight", knn_weight),
+        ):
+            getattr(type(self), name).fset(self, value)
         self.trainable = False
 
     # Hyperparameters: Python values until built, then variables. Read

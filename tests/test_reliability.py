@@ -254,3 +254,13 @@ def test_an_empty_batch_through_scann_gives_k_wide_ids():
         return_neighbors=True,
     )
     assert ids.shape == (0, 4) and weights.shape == (0, 4)
+
+
+@pytest.mark.parametrize("name", ["k", "sigma", "temperature", "method", "knn_weight"])
+def test_none_hyperparameters_are_refused_when_the_layer_is_created(name):
+    # Found by tests/test_fuzz.py: `sigma=None` skipped its check (TensorFlow's
+    # attribute tracking skips `self.sigma = None` while `self.sigma` reads None).
+    with pytest.raises(ValueError, match=f"`{name}` must be"):
+        keras_resmem.ResidualMemory(**{name: None})
+    with pytest.raises(ValueError, match=f"`{name}` must be"):
+        keras_resmem.attach_memory(_base(), "pre_logits", _data(20), verbose=0, **{name: None})
