@@ -7,6 +7,7 @@ import numpy as np
 
 from keras_resmem import _validation
 from keras_resmem.api_export import keras_resmem_export
+from keras_resmem.attach import _fill_memory, _predict_function
 from keras_resmem.residual_memory import ResidualMemory
 
 
@@ -33,8 +34,6 @@ _PREDICT = weakref.WeakKeyDictionary()
 def _features(model, memory):
     """`(predict, output)`: the compiled function from `model`'s inputs to the memory's
     inputs (the key layer's output and the network's), and the network's output tensor."""
-    from keras_resmem.attach import _predict_function
-
     embedding, output = memory.input
     if model not in _PREDICT:
         _PREDICT[model] = _predict_function(model, embedding, output)
@@ -42,8 +41,6 @@ def _features(model, memory):
 
 
 def _write(model, data, ids, batch_size, verbose, append):
-    from keras_resmem.attach import _fill_memory
-
     memory = find_memory(model)
     batch_size = _validation.positive_int("batch_size", batch_size)
     predict, output = _features(model, memory)

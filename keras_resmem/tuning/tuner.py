@@ -164,6 +164,7 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
         self.batch_size = batch_size
         self.tensorboard = tensorboard
         self._caches = None
+        self._scales = {}  # each memory's distance scale, by id
         # `{layer: (model, memory)}`; one entry, keyed None, without `layers`.
         self.candidates = {None: (model, self.memory)}
         if layers is not None:
@@ -290,7 +291,7 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
 
     def _distance_scale(self, memory):
         """Median distance from a memory entry to its nearest other entry (cached)."""
-        scales = self.__dict__.setdefault("_scales", {})
+        scales = self._scales
         if id(memory) not in scales:
             n = memory.memory_size
             ids = np.random.default_rng(0).permutation(n)[:256]
