@@ -131,6 +131,65 @@ def test_tampered_scann_files_get_clear_errors_and_never_kill_the_process(tmp_pa
         assert " ERROR ValueError " in line and "The saved ScaNN index is invalid" in line, line
 
 
+_SERVER = """
+import sys, numpy as np, tensorflow as tf
+import scann  # ScaNN's ops, as a ScaNN-enabled server links them
+
+def find(obj, name, seen):
+    for child in obj._trackable_children().values():
+        if id(child) not in seen:
+            seen.add(id(child))
+            if isinstance(child, tf.Variable) and child.name.startswith(name + ":"):
+                return child
+            found = find(child, name, seen)
+            if found is not None:
+                return found
+
+x = np.load(sys.argv[2])
+for edit in sys.argv[3:]:
+    loaded = tf.saved_model.load(sys.argv[1])
+    tokens = find(loaded, "datapoint_to_token", set())
+    value = tokens.numpy()
+    if edit == "out_of_range":
+        value[7] = 10**6
+    elif edit == "shuffled":
+        value = np.random.default_rng(0).permutation(value)
+    tokens.assign(value)
+    serve = loaded.signatures["serving_default"]
+    try:
+        ids = serve(features=tf.constant(x))["class_ids"].numpy()
+        print(edit, "SERVED", " ".join(map(str, ids)), flush=True)
+    except tf.errors.InvalidArgumentError as e:
+        print(edit, "ERROR", e.message.replace(chr(10), " "), flush=True)
+"""
+
+
+def test_a_tampered_scann_savedmodel_fails_its_request_not_the_server(tmp_path):
+    # The variables of a `mode="scann"` export edited after TensorFlow's checks
+    # (as a server would read a file whose checksums were made again): the
+    # request fails with a clear error; before, an out-of-range token aborted
+    # the process and a shuffled index served wrong answers.
+    x, y = _data(3000)
+    model = keras_resmem.attach_memory(
+        _base(), "pre_logits", (x, y), k=5, verbose=0,
+        search=search_lib.ScaNN(num_leaves=16, brute_force=False),
+    )  # fmt: skip
+    path = keras_resmem.export_saved_model(model, tmp_path / "m" / "1", mode="scann")
+    np.save(tmp_path / "x.npy", x[:32])
+    result = subprocess.run(
+        [sys.executable, "-c", _SERVER, path, str(tmp_path / "x.npy"),
+         "out_of_range", "shuffled", "none"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )  # fmt: skip
+    assert result.returncode == 0, f"the server died (code {result.returncode}): {result.stderr}"
+    lines = {line.split(" ", 1)[0]: line for line in result.stdout.splitlines()}
+    for edit in ("out_of_range", "shuffled"):
+        assert "ERROR" in lines[edit] and "not the one it was exported with" in lines[edit]
+    expected = np.argmax(model.predict(x[:32], verbose=0), axis=-1)
+    assert lines["none"].split()[2:] == [str(i) for i in expected]
+
+
 @pytest.mark.parametrize(
     "name,edit,message",
     [

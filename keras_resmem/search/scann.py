@@ -343,6 +343,9 @@ class ScannSearch(_Searcher):
         self._leaves_to_search = value
         self._compiled = None  # traced with the old value
 
+    def _handle(self):
+        return self.handle
+
     # Queries per shard at least: a shard is one ScaNN batch, and ScaNN
     # amortises its per-batch work over the queries of a batch.
     min_shard_size = 64
@@ -406,7 +409,7 @@ class ScannSearch(_Searcher):
 
     def _search(self, queries, k):
         k = tf.cast(k, tf.int32)
-        handle = self.handle  # one TensorsToScann op for SavedScannSearch
+        handle = self._handle()  # one TensorsToScann op for SavedScannSearch
         m = tf.shape(queries)[0]
         shards = search_threads()
         if shards == 1:
@@ -541,19 +544,52 @@ class SavedScannSearch(tf.Module):
         super().__init__(name="scann_index")
         self.options = dict(searcher.options)
         self._keys = keys
+        tensors = searcher.index_tensors()
         self.index = {
             name: tf.Variable(value, trainable=False, validate_shape=False, name=name)
-            for name, value in searcher.index_tensors().items()
+            for name, value in tensors.items()
         }
+        # What the index was at export, checked in the graph before ScaNN's
+        # loader reads it (see `_checked_index`).
+        self._fingerprints = {name: _fingerprint(v).numpy() for name, v in tensors.items()}
+        self._key_shape = tuple(int(s) for s in keys.shape)
+        self._checked = tf.Variable(False, trainable=False, name="index_checked")
         self.shared_name = f"keras_resmem_scann_{uuid.uuid4().hex}"
 
-    @property
-    def handle(self):
-        return _scann_ops().tensors_to_scann(
-            tf.convert_to_tensor(self._keys),
-            **{name: tf.convert_to_tensor(v) for name, v in self.index.items()},
-            shared_name=self.shared_name,
-        )
+    def _checked_index(self):
+        """The index tensors, once they are known to be those exported.
+
+        ScaNN's `TensorsToScann` trusts its input: a `datapoint_to_token`
+        edited out of range aborts the serving process, a shuffled one gives
+        wrong answers. So the first request compares each index tensor's
+        fingerprint (farmhash64 of its bytes) and the key table's shape with
+        the values recorded at export, and fails with `InvalidArgumentError`
+        (the request fails; the server lives) if they differ. Later requests
+        skip the check (a flag variable): ScaNN builds its searcher once, on
+        the first request that passes. This guards against corruption, not
+        against an attacker, who can edit the graph as well as its variables.
+        """
+        index = {name: tf.convert_to_tensor(v) for name, v in self.index.items()}
+        keys = tf.convert_to_tensor(self._keys)
+
+        def check():
+            same = [tf.reduce_all(tf.equal(tf.shape(keys), self._key_shape))]
+            for name, tensor in index.items():
+                same.append(tf.reduce_all(tf.equal(_fingerprint(tensor), self._fingerprints[name])))
+            ok = tf.reduce_all(tf.stack(same))
+            assertion = tf.debugging.Assert(ok, [_TAMPERED_INDEX])
+            with tf.control_dependencies([assertion]):
+                return self._checked.assign(True, read_value=True)
+
+        done = tf.cond(self._checked, lambda: tf.constant(True), check)
+        with tf.control_dependencies([done]):
+            return keys, {name: tf.identity(t) for name, t in index.items()}
+
+    # A method, not a property: `tf.Module` reads every attribute when it
+    # looks for variables, and would run the ops eagerly (at export).
+    def _handle(self):
+        keys, index = self._checked_index()
+        return _scann_ops().tensors_to_scann(keys, **index, shared_name=self.shared_name)
 
     # Always in a graph (an export): the graph path, without the eager one.
     min_shard_size = ScannSearch.min_shard_size
@@ -751,6 +787,20 @@ class ScaNN(SearchBackend):
         saved = SavedScannSearch(self._ensure_kernel(), self.keys)
         saved.leaves_to_search = self._leaves  # the memory's variable: a knob when served
         return saved, [saved]
+
+
+_TAMPERED_INDEX = (
+    "The SavedModel's ScaNN index is not the one it was exported with (a variable was changed "
+    "or corrupted): it was not loaded. Export the model again from a checked .keras file."
+)
+
+
+def _fingerprint(tensor):
+    """farmhash64 of a tensor's bytes, uint8 `(8,)`; a string tensor's strings in order."""
+    flat = tf.reshape(tensor, [1, -1])
+    if tensor.dtype == tf.string:
+        flat = tf.reshape(tf.fingerprint(tf.reshape(tensor, [-1])), [1, -1])
+    return tf.reshape(tf.fingerprint(flat), [-1])
 
 
 def _tensor_bytes(tensor):
