@@ -78,7 +78,13 @@ def _serve(binary, export_dir, queries, tmp_path, output="resmem_scores"):
 
 
 @pytest.mark.parametrize(
-    "search", ["exact", search_lib.IVF(num_partitions=16, num_probes=4)], ids=["exact", "ivf"]
+    "search",
+    [
+        "exact",
+        search_lib.IVF(num_partitions=16, num_probes=4),
+        search_lib.IVF(num_partitions=16, num_probes=4, scoring="bfloat16"),
+    ],
+    ids=["exact", "ivf", "ivf_bfloat16"],
 )
 def test_the_c_loader_serves_a_portable_export_as_keras_predicts(serve_binary, tmp_path, search):
     model, path = _export(tmp_path, search, "portable")

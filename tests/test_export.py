@@ -13,6 +13,7 @@ import tensorflow as tf
 
 import keras_resmem
 from keras_resmem import export as export_lib
+from keras_resmem import search as search_lib
 
 # Loads a SavedModel the way TensorFlow Serving's C++ path does (the TF1 session
 # loader, signature tensors by name), in a process that imports only TensorFlow
@@ -122,7 +123,12 @@ def _load_in_fresh_process(path, x, tmp_path, load_scann=False):
 
 @pytest.mark.parametrize(
     "search,options",
-    [("exact", {}), ("ivf", {"ivf_options": {"num_partitions": 40, "num_probes": 6}})],
+    [
+        ("exact", {}),
+        ("ivf", {"ivf_options": {"num_partitions": 40, "num_probes": 6}}),
+        (search_lib.IVF(num_partitions=40, num_probes=6, scoring="bfloat16"), {}),
+    ],
+    ids=["exact", "ivf", "ivf_bfloat16"],
 )
 def test_portable_savedmodel_loads_with_the_tf1_loader_and_only_stock_ops(
     rng, tmp_path, search, options

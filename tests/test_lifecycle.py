@@ -41,6 +41,7 @@ def _answers(model, x):
 BACKENDS = {
     "exact": lambda: "exact",
     "ivf": lambda: search_lib.IVF(num_partitions=8, num_probes=3),
+    "ivf_bfloat16": lambda: search_lib.IVF(num_partitions=8, num_probes=3, scoring="bfloat16"),
     "scann": lambda: search_lib.ScaNN(num_leaves=8, num_leaves_to_search=3, brute_force=False),
 }
 

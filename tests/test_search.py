@@ -105,12 +105,80 @@ def test_ivf_recall_against_exact_search(rng):
     np.testing.assert_array_equal(np.sort(every, axis=1), np.sort(truth, axis=1))
 
 
+def _ivf_bfloat16(keys, probes, **options):
+    options["num_probes"] = probes
+    opts = search.resolve_ivf_options(len(keys), options)
+    centroids, offsets, ids = search.train_ivf(keys, opts)
+    blocks = search.ivf.partition_major(keys, ids, centroids, offsets)
+    return search.IVFSearch(
+        tf.constant(keys), centroids, offsets, ids, tf.Variable(probes),
+        blocks={name: tf.constant(value) for name, value in blocks.items()},
+    )  # fmt: skip
+
+
+def test_ivf_bfloat16_scoring_keeps_the_recall_of_exact_scoring(rng):
+    # Candidates ranked in bfloat16, the shortlist again in float32: the
+    # neighbours found are those of float32 scoring but for near ties.
+    keys = clustered(rng, 40000, 16)
+    queries = clustered(rng, 300, 16)
+    truth = ref.knn(keys, queries, 50)[0]
+
+    def recall(found):
+        return np.mean([len(set(f) & set(t)) / 50 for f, t in zip(found, truth, strict=True)])
+
+    for probes in (16, 10**6):
+        exact = recall(_ivf(keys, probes).search(tf.constant(queries), 50).numpy())
+        half = recall(_ivf_bfloat16(keys, probes).search(tf.constant(queries), 50).numpy())
+        assert half >= exact - 0.005, (probes, half, exact)
+    assert half >= 0.995  # every partition probed: nearly exact search
+
+
+def test_ivf_bfloat16_handles_fallback_empty_and_blocked_batches(rng):
+    keys = rng.normal(size=(300, 4)).astype("float32")
+    queries = rng.normal(size=(20, 4)).astype("float32")
+    index = _ivf_bfloat16(keys, probes=1, num_partitions=30)  # too few candidates: exact
+    k = int(np.diff(index.offsets).max()) + 1
+    np.testing.assert_array_equal(index.search(tf.constant(queries), k).numpy(),
+                                  ref.knn(keys, queries, k)[0])  # fmt: skip
+    keys = clustered(rng, 3000, 8)
+    index = _ivf_bfloat16(keys, 4)
+    assert index.search(tf.zeros((0, 8)), 5).shape == (0, 5)
+    queries = tf.constant(clustered(rng, 50, 8))
+    want = index.search(queries, 5).numpy()
+    index.max_candidates = 1  # one query per block
+    np.testing.assert_array_equal(index.search(queries, 5).numpy(), want)
+    # Each row's ids are distinct: padding never enters a shortlist's answer.
+    assert all(len(set(row)) == 5 for row in want)
+
+
+@pytest.mark.parametrize("scoring", ["exact", "bfloat16"])
+def test_ivf_answers_each_query_of_a_batch_as_if_it_were_alone(rng, scoring):
+    # Some queries' probed partitions hold fewer than k entries: those rows
+    # get exact search, and the others keep their IVF answers.
+    keys = clustered(rng, 2000, 8)
+    queries = clustered(rng, 40, 8)
+    build = _ivf if scoring == "exact" else _ivf_bfloat16
+    index = build(keys, 1, num_partitions=60)
+    together = index.search(tf.constant(queries), 40).numpy()
+    alone = np.concatenate([index.search(tf.constant(q[None]), 40).numpy() for q in queries])
+    np.testing.assert_array_equal(together, alone)
+    exact = ref.knn(keys, queries, 40)[0]
+    same = [set(a) == set(b) for a, b in zip(together, exact, strict=True)]
+    assert 0 < sum(same) < len(queries)  # some rows exact (too few candidates), some not
+
+
+def test_ivf_refuses_an_unknown_scoring():
+    with pytest.raises(ValueError, match="`scoring` must be one of"):
+        search.IVF(scoring="float16")
+
+
 def test_ivf_falls_back_to_exact_search_when_too_few_candidates(rng):
     keys = rng.normal(size=(300, 4)).astype("float32")
     queries = rng.normal(size=(20, 4)).astype("float32")
     index = _ivf(keys, probes=1, num_partitions=30)  # one partition of ~10 entries < k
-    got = index.search(tf.constant(queries), 25).numpy()
-    np.testing.assert_array_equal(got, ref.knn(keys, queries, 25)[0])
+    k = int(np.diff(index.offsets).max()) + 1  # more than any partition holds
+    got = index.search(tf.constant(queries), k).numpy()
+    np.testing.assert_array_equal(got, ref.knn(keys, queries, k)[0])
 
 
 def test_ivf_handles_empty_and_blocked_batches(rng):
