@@ -296,7 +296,8 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
             n = memory.memory_size
             ids = np.random.default_rng(0).permutation(n)[:256]
             sample = tf.gather(memory.keys, ids)  # 256 rows, not a copy of the table
-            _, distances, _ = memory.neighbors(sample, k=min(2, n))
+            # Stored keys, already projected if the memory projects: searched as they are.
+            _, distances = memory._search_neighbors(sample, min(2, n), memory.search)
             scale = float(np.median(distances.numpy()[:, -1]))
             scales[id(memory)] = scale if scale > 0 else 1.0
         return scales[id(memory)]
