@@ -107,7 +107,8 @@ class ResidualMemory(keras.layers.Layer):
             the memory stores and searches `dim` features per key.
         memory_size, key_dim, num_outputs: the memory's shape. Set by
             `memorize` (and changed by `add_examples` and `forget`); given
-            only when re-creating a layer from its config.
+            only when re-creating a layer from its config. `key_dim` is the
+            width of the embeddings, before any `key_projection`.
         chunk_size, scann_options, ivf_options: the options of version 0.1,
             still accepted beside a `search` name: exact search's chunk
             size, and dicts of `keras_resmem.search.ScaNN` or
