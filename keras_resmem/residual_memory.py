@@ -192,11 +192,8 @@ class ResidualMemory(keras.layers.Layer):
                 )
         self.sparse_residuals = sparse_residuals
         self._projection = projection_lib.get(key_projection)
-        if (
-            self._projection is not None
-            and key_dim is not None
-            and (self._projection.dim > key_dim)
-        ):
+        projection = self._projection
+        if projection is not None and key_dim is not None and projection.dim > key_dim:
             raise ValueError(
                 f"`key_projection` keeps dim={self._projection.dim} components, more than "
                 f"key_dim={key_dim}. Received: key_projection={self._projection!r}"
