@@ -169,6 +169,17 @@ def test_attach_memory_takes_a_projection_and_keras_files_carry_it(rng, tmp_path
     np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), want)
 
 
+@pytest.mark.parametrize("search", ["ivf", "scann"])
+def test_an_index_on_projected_keys_saves_and_loads(rng, tmp_path, search):
+    model, x = _model(rng, n=1500, key_projection=4, search=search)
+    want = model.predict(x[:64], verbose=0)
+    keras_resmem.save_model(model, tmp_path / "m.keras")
+    restored = keras.models.load_model(tmp_path / "m.keras")
+    memory = restored.get_layer("residual_memory")
+    assert memory.search_backend == search and memory.stored_key_dim == 4
+    np.testing.assert_array_equal(restored.predict(x[:64], verbose=0), want)
+
+
 def test_tuned_copies_share_the_projection(rng):
     model, x = _model(rng, key_projection=6)
     memory = model.get_layer("residual_memory")
