@@ -16,7 +16,7 @@ if keras.backend.backend() != "tensorflow":
         "KERAS_BACKEND=tensorflow before importing keras."
     )
 
-from keras_resmem import callbacks, datasets, diagnostics, search, tuning  # noqa: E402
+from keras_resmem import callbacks, datasets, diagnostics, projection, search, tuning  # noqa: E402
 from keras_resmem.attach import attach_memory  # noqa: E402
 from keras_resmem.diagnostics import Comparison, compare  # noqa: E402
 from keras_resmem.export import export_saved_model  # noqa: E402
@@ -40,6 +40,7 @@ __all__ = [
     "export_saved_model",
     "forget",
     "memorize",
+    "projection",
     "save_model",
     "search",
     "tuning",

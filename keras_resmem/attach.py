@@ -538,6 +538,7 @@ def attach_memory(
     task="classification",
     search="auto",
     sparse_residuals=None,
+    key_projection=None,
     batch_size=256,
     from_logits=None,
     scann_options=None,
@@ -607,6 +608,9 @@ def attach_memory(
         sparse_residuals: `None` to store the outputs whole, or `m` to store
             each residual's `m` largest-magnitude entries (for outputs as wide
             as a vocabulary); see `ResidualMemory`.
+        key_projection: `None`, or a `keras_resmem.projection.PCA(dim)` (or
+            just `dim`): store and search the keys' top `dim` principal
+            components, fitted on the training keys; see `ResidualMemory`.
         batch_size: batch size for arrays and unbatched datasets.
         from_logits: whether the model outputs logits. `None` detects it: a
             model whose last layer applies a softmax outputs probabilities.
@@ -659,6 +663,7 @@ def attach_memory(
         knn_weight=knn_weight,
         search=search,
         sparse_residuals=sparse_residuals,
+        key_projection=key_projection,
         scann_options=scann_options,
         ivf_options=ivf_options,
     )

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from keras_resmem import _integrity, _validation, _variables
 from keras_resmem import memory_writer as writer_lib
+from keras_resmem import projection as projection_lib
 from keras_resmem import residuals as residuals_lib
 from keras_resmem import search as search_lib
 from keras_resmem.api_export import keras_resmem_export
@@ -99,9 +100,15 @@ class ResidualMemory(keras.layers.Layer):
         sparse_residuals: `None` (store the network's outputs, dense), or
             `m`, the number of largest-magnitude residual entries stored per
             memory entry (classification only).
+        key_projection: `None` (store the keys as they are), or a
+            `keras_resmem.projection.PCA` (an int `dim` is short for
+            `PCA(dim)`): the keys' top principal components, fitted when the
+            memory is filled; keys and queries are projected onto them, so
+            the memory stores and searches `dim` features per key.
         memory_size, key_dim, num_outputs: the memory's shape. Set by
             `memorize` (and changed by `add_examples` and `forget`); given
-            only when re-creating a layer from its config.
+            only when re-creating a layer from its config. `key_dim` is the
+            width of the embeddings, before any `key_projection`.
         chunk_size, scann_options, ivf_options: the options of version 0.1,
             still accepted beside a `search` name: exact search's chunk
             size, and dicts of `keras_resmem.search.ScaNN` or
@@ -148,6 +155,7 @@ class ResidualMemory(keras.layers.Layer):
         from_logits=True,
         search="auto",
         sparse_residuals=None,
+        key_projection=None,
         memory_size=None,
         key_dim=None,
         num_outputs=None,
@@ -183,6 +191,13 @@ class ResidualMemory(keras.layers.Layer):
                     f"Received: sparse_residuals={sparse_residuals}"
                 )
         self.sparse_residuals = sparse_residuals
+        self._projection = projection_lib.get(key_projection)
+        projection = self._projection
+        if projection is not None and key_dim is not None and projection.dim > key_dim:
+            raise ValueError(
+                f"`key_projection` keeps dim={self._projection.dim} components, more than "
+                f"key_dim={key_dim}. Received: key_projection={self._projection!r}"
+            )
         if search == "auto" and memory_size is not None:
             # A config saved by version 0.1 (later versions save the backend
             # in use): resolve it by 0.1's rule, as it was when saved.
@@ -303,7 +318,7 @@ class ResidualMemory(keras.layers.Layer):
             return self._backend.name
         if self.memory_size is None:
             return None
-        return self._search.clone().resolve(self.memory_size, self.key_dim or 1).name
+        return self._search.clone().resolve(self.memory_size, self.stored_key_dim or 1).name
 
     @property
     def search_knobs(self):
@@ -326,6 +341,24 @@ class ResidualMemory(keras.layers.Layer):
     @num_probes.setter
     def num_probes(self, value):
         self.set_search_knob("num_probes", value)
+
+    @property
+    def key_projection(self):
+        """The key projection (a `keras_resmem.projection.PCA`), or None."""
+        return self._projection
+
+    @property
+    def stored_key_dim(self):
+        """The features per stored key: the projection's `dim`, else `key_dim`."""
+        if self._projection is not None:
+            return self._projection.dim
+        return self.key_dim
+
+    def _project(self, queries):
+        """`(m, key_dim)` float32 queries as stored keys are: projected, if the memory projects."""
+        if self._projection is None:
+            return queries
+        return self._projection.project(queries)
 
     # State.
 
@@ -363,6 +396,8 @@ class ResidualMemory(keras.layers.Layer):
                 name=name, shape=(), dtype=dtype, initializer="zeros", trainable=False
             )
             self._hparam_vars[name].assign(self.__dict__[f"_{name}_value"])
+        if self._projection is not None and self._share_state_of is None:
+            self._projection.build(self.key_dim, self._add_backend_weight)
         if self._share_state_of is None and self.memory_size > 0:
             self._build_backend()
         self.built = True
@@ -382,7 +417,7 @@ class ResidualMemory(keras.layers.Layer):
 
     def _build_backend(self):
         """Resolves and builds the search backend, once the memory has entries."""
-        self._backend = self._search.clone().resolve(self.memory_size, self.key_dim)
+        self._backend = self._search.clone().resolve(self.memory_size, self.stored_key_dim)
         self._backend.build(
             self._entry_vars["keys"], self._add_backend_weight, self._entry_initializer()
         )
@@ -404,7 +439,7 @@ class ResidualMemory(keras.layers.Layer):
                 self, name, shape, dtype, self._entry_initializer(), growable=True
             )
 
-        self.keys = entry("keys", (n, self.key_dim))
+        self.keys = entry("keys", (n, self.stored_key_dim))
         entries = {"keys": self.keys}
         if self.sparse_residuals is None:
             self.memory_scores = entries["memory_scores"] = entry("memory_scores", (n, c))
@@ -435,6 +470,7 @@ class ResidualMemory(keras.layers.Layer):
             if v.name not in _HPARAM_DTYPES and v.name not in self._entry_vars
         ]
         self._backend = other._backend
+        self._projection = other._projection
 
     def _entry_initializer(self):
         # A memory being filled gets uninitialized per-entry variables: their
@@ -611,6 +647,8 @@ class ResidualMemory(keras.layers.Layer):
         """Makes `entries` (a finished `MemoryEntries`) the memory, and indexes it."""
         self._check_entry_shape(entries)
         _validation.k_within(self.k, entries.memory_size)
+        if self._projection is not None:
+            self._projection.check_fit(entries.memory_size)
         if not self.built:
             self.memory_size = entries.memory_size
             self.key_dim, self.num_outputs = entries.key_dim, entries.num_outputs
@@ -623,6 +661,9 @@ class ResidualMemory(keras.layers.Layer):
             finally:
                 self._filling = False
         try:
+            if self._projection is not None:
+                self._projection.fit(entries.arrays["keys"])
+                self._project_entries(entries)
             self._adopt_all(entries.arrays, entries.bases)
             if self._backend is None:  # attached empty: the first fill
                 self._filling = True
@@ -631,12 +672,21 @@ class ResidualMemory(keras.layers.Layer):
                 finally:
                     self._filling = False
             else:
-                self._backend.resolve(self.memory_size, self.key_dim)
+                self._backend.resolve(self.memory_size, self.stored_key_dim)
             self._backend.fit(verbose=verbose)
         except BaseException:
             self._fill_failed = True
             raise
         self._fill_failed = False
+
+    def _project_entries(self, entries):
+        """Replaces `entries`' keys by their projection (with the fit the memory holds)."""
+        keys, base = writer_lib.with_spare_rows(
+            entries.memory_size, (self._projection.dim,), np.float32
+        )
+        self._projection.project_array(entries.arrays["keys"], out=keys)
+        entries.arrays["keys"] = keys
+        entries.bases["keys"] = base
 
     def _adopt_all(self, arrays, bases=None):
         """Makes `arrays` (by variable name, all with the same rows) the entries' values.
@@ -652,6 +702,9 @@ class ResidualMemory(keras.layers.Layer):
     def _append(self, entries, verbose=0):
         """Adds `entries` after the memory's own, and updates the index."""
         self._check_entry_shape(entries)
+        if self._projection is not None:
+            # The fit the memory holds: adding examples does not move the other keys.
+            self._project_entries(entries)
         held = self._entry_vars[_IDS].numpy()
         taken = np.isin(entries.arrays[_IDS], held)
         if taken.any():
@@ -715,7 +768,8 @@ class ResidualMemory(keras.layers.Layer):
             backend's own state: IVF's lists and centroids, or ScaNN's
             serialized index; 0 for exact search), `"ids"` (the entries'
             int64 ids) and `"total"`. Divide by
-            `memory_size` for bytes per entry.
+            `memory_size` for bytes per entry. `"projection"`: the key
+            projection's mean and components (0 without one).
         """
         self._check_ready()
 
@@ -732,6 +786,7 @@ class ResidualMemory(keras.layers.Layer):
             "targets": nbytes("memory_targets"),
             "ids": nbytes(_IDS),
             "index": int(self._backend.storage_bytes()),
+            "projection": 0 if self._projection is None else self._projection.storage_bytes(),
         }
         sizes["total"] = sum(sizes.values())
         return sizes
@@ -783,6 +838,7 @@ class ResidualMemory(keras.layers.Layer):
         else:
             k = _validation.k_within(k, self.memory_size)
         queries = tf.reshape(tf.cast(embeddings, tf.float32), [-1, self.key_dim])
+        queries = self._project(queries)
         positions, distances = self._search_neighbors(queries, k, self._backend)
         weights = residuals_lib.neighbor_weights(distances, self._hparam_tensor("sigma"))
         return positions, distances, weights
@@ -861,7 +917,7 @@ class ResidualMemory(keras.layers.Layer):
             tf.reduce_all(tf.math.is_finite(queries), axis=-1),
             tf.reduce_all(tf.math.is_finite(flat_scores), axis=-1),
         )
-        queries = tf.where(finite[:, None], queries, 0.0)
+        queries = self._project(tf.where(finite[:, None], queries, 0.0))
         ids, distances = self._search_neighbors(queries, self._hparam_tensor("k"), searcher)
         # Only the chosen method's branch runs (and gathers what it needs).
         prediction, weights = tf.switch_case(
@@ -969,8 +1025,12 @@ class ResidualMemory(keras.layers.Layer):
             task=self.task,
             num_outputs=self.num_outputs,
             memory_size=self.memory_size,
-            key_dim=self.key_dim,
+            key_dim=self.stored_key_dim,
         )
+        if self._projection is not None:
+            self._projection.check_loaded(
+                arrays, lambda part, problem: _integrity.fail(self.name, part, problem)
+            )
         _integrity.check_hparams(
             self.name, {name: arrays[name] for name in _HPARAM_DTYPES}, self.memory_size
         )
@@ -1026,6 +1086,11 @@ class ResidualMemory(keras.layers.Layer):
                 "from_logits": self.from_logits,
                 "search": keras.saving.serialize_keras_object(self.search),
                 "sparse_residuals": self.sparse_residuals,
+                "key_projection": (
+                    None
+                    if self._projection is None
+                    else keras.saving.serialize_keras_object(self._projection)
+                ),
                 "memory_size": self.memory_size,
                 "key_dim": self.key_dim,
                 "num_outputs": self.num_outputs,

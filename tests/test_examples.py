@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 import fashion_mnist  # noqa: E402
+import key_projection  # noqa: E402
 import language_model  # noqa: E402
 import linear_regression_theory as theory  # noqa: E402
 
@@ -67,6 +68,28 @@ def test_fashion_mnist_main_job_full_run(tmp_path):
     assert not run["training"]["capped"]
     assert run["test"]["resmem"]["gain"] > 0
     assert run["train"]["resmem"]["accuracy"] > run["train"]["deepnet_accuracy"]
+
+
+def test_key_projection_small_run(tmp_path):
+    results = key_projection.main(
+        [
+            "--max-epochs", "1", "--train-size", "1500", "--val-size", "500", "--dims", "8,32",
+            "--ks", "5,10", "--timing-rounds", "2", "--timing-calls", "2",
+            "--output-dir", str(tmp_path),
+        ]
+    )  # fmt: skip
+    saved = json.loads((tmp_path / "results.json").read_text())
+    run = saved["runs"][0]
+    assert run == json.loads(json.dumps(results["runs"][0]))
+    assert list(run["configs"]) == ["none (1568-d)", "PCA 8", "PCA 32"]
+    full, pca = run["configs"]["none (1568-d)"], run["configs"]["PCA 32"]
+    assert full["stored_key_dim"] == 1568 and pca["stored_key_dim"] == 32
+    assert full["vs_full"]["bytes"] == 1.0 and pca["vs_full"]["bytes"] < 0.1
+    assert pca["storage_bytes"]["projection"] == 1568 * 33 * 4
+    assert 0 < run["configs"]["PCA 8"]["explained_variance"] < pca["explained_variance"] < 1
+    assert pca["keras_file_bytes"] < full["keras_file_bytes"]
+    text = (tmp_path / "results.md").read_text()
+    assert "| PCA 32 | 32 |" in text and "| DeepNet (no memory) |" in text
 
 
 def test_language_model_tiny_run_end_to_end(tmp_path, capsys):

@@ -19,6 +19,7 @@ def test_public_api_is_small_and_registered():
         "export_saved_model",
         "forget",
         "memorize",
+        "projection",
         "save_model",
         "search",
         "tuning",
@@ -32,6 +33,7 @@ def test_public_api_is_small_and_registered():
         assert keras.saving.get_registered_object(f"keras_resmem>{name}") is getattr(
             keras_resmem.search, name
         )
+    assert keras.saving.get_registered_object("keras_resmem>PCA") is keras_resmem.projection.PCA
 
 
 def test_another_keras_backend_gets_a_clear_import_error():

@@ -211,3 +211,45 @@ def test_tuner_chooses_the_key_layer_on_validation(tmp_path):
     best = tuner.get_best_models()[0]
     accuracy = float((best.predict(val[0], verbose=0).argmax(-1) == val[1]).mean())
     assert accuracy == pytest.approx(by_layer["signal"])
+
+
+def test_tuner_chooses_the_key_projection_on_validation(tmp_path):
+    # The label is in the input's first two features, of the largest variance;
+    # PCA(2) keeps them and drops the eight features of noise.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 10)).astype("float32") * np.float32([3, 3] + [2] * 8)
+    y = (x[:, 0] > 0).astype(int) + 2 * (x[:, 1] > 0).astype(int)
+    inputs = keras.Input((10,))
+    keys = keras.layers.Activation("linear", name="keys")(inputs)
+    base = keras.Model(inputs, keras.layers.Dense(4, name="logits")(keys * 0.0))
+    train, val = (x[:400], y[:400]), (x[400:], y[400:])
+    model = keras_resmem.attach_memory(base, "keys", train, k=5, verbose=0)
+    with pytest.raises(ValueError, match="`key_projections` must be a non-empty list"):
+        tuning.ResMemTuner(model, val, key_projections=[], train_data=train, directory=tmp_path)
+    oracle = keras_tuner.oracles.GridSearchOracle(
+        objective=keras_tuner.Objective("val_accuracy", "max"), max_trials=100
+    )
+    hp = keras_tuner.HyperParameters()
+    hp.Choice("key_projection", [0, 2, 9])
+    hp.Choice("k", [5])
+    hp.Choice("sigma_scale", [0.5, 2.0])
+    hp.Fixed("temperature", 1.0)
+    projections = [None, 2, keras_resmem.projection.PCA(9)]
+    tuner = tuning.ResMemTuner(
+        model, val, key_projections=projections, train_data=train, oracle=oracle,
+        hyperparameters=hp, directory=tmp_path, tensorboard=False,
+    )  # fmt: skip
+    assert tuner.candidates[0][0] is model  # its own memory is reused
+    assert tuner.candidates[2][1].stored_key_dim == 2
+    assert "key_projection" in tuner.default_hyperparameters()
+    tuner.search(verbose=0)
+    by_dim = {}
+    for t in tuner.oracle.trials.values():
+        dim = t.hyperparameters.values["key_projection"]
+        by_dim[dim] = max(by_dim.get(dim, 0), t.metrics.get_last_value("val_accuracy"))
+    assert by_dim[2] > max(by_dim[0], by_dim[9]) + 0.05
+    best_values = tuner.get_best_hyperparameters()[0].values
+    assert best_values["key_projection"] == 2
+    best = tuner.get_best_models()[0]
+    accuracy = float((best.predict(val[0], verbose=0).argmax(-1) == val[1]).mean())
+    assert accuracy == pytest.approx(by_dim[best_values["key_projection"]])

@@ -7,6 +7,7 @@ import keras_tuner
 import numpy as np
 import tensorflow as tf
 
+from keras_resmem import projection as projection_lib
 from keras_resmem import residuals as residuals_lib
 from keras_resmem.api_export import keras_resmem_export
 from keras_resmem.attach import _as_dataset, _class_ids, attach_memory
@@ -58,6 +59,12 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
     layer's median nearest-neighbour distance (`sigma = sigma_scale * scale`);
     `load_model` and `get_best_models` give the absolute `sigma`.
 
+    `key_projections` tunes the memory's key projection the same way: one
+    memory per candidate from `train_data`, each a
+    `keras_resmem.projection.PCA(dim)` or None, chosen by a
+    `key_projection` hyperparameter that holds the `dim` (0 for None).
+    With both `layers` and `key_projections`, every pair is a candidate.
+
     Args:
         model: the model returned by `keras_resmem.attach_memory`.
         validation_data: carved from the training data, in any form
@@ -78,7 +85,9 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
             `default_hyperparameters()`.
         layers: optional names of candidate key layers (as `attach_memory`
             takes them) to choose among.
-        train_data: with `layers`: the data the memories are built from, as
+        key_projections: optional candidate key projections to choose
+            among: dims (or `keras_resmem.projection.PCA`), None for none.
+        train_data: with `layers` or `key_projections`: the data the memories are built from, as
             `attach_memory` takes it (the data `model`'s memory holds).
         memory_layer: the name of the `ResidualMemory` layer in `model`.
         batch_size: batch size of the one pass over the validation set.
@@ -119,6 +128,7 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
         hyperparameters=None,
         seed=None,
         layers=None,
+        key_projections=None,
         train_data=None,
         memory_layer="residual_memory",
         batch_size=1024,
@@ -165,10 +175,13 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
         self.tensorboard = tensorboard
         self._caches = None
         self._scales = {}  # each memory's distance scale, by id
-        # `{layer: (model, memory)}`; one entry, keyed None, without `layers`.
+        # `{candidate: (model, memory)}`; one entry, keyed None, without `layers`
+        # and `key_projections`. A candidate is a layer name, a projection dim
+        # (0: none), or with both a `(layer, dim)` pair.
         self.candidates = {None: (model, self.memory)}
-        if layers is not None:
-            self.candidates = self._build_candidates(layers, train_data)
+        self._tuned = ()
+        if layers is not None or key_projections is not None:
+            self.candidates = self._build_candidates(layers, key_projections, train_data)
         super().__init__(
             oracle,
             directory=directory,
@@ -184,52 +197,77 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
             )
         self.oracle.update_space(space)
 
-    def _build_candidates(self, layers, train_data):
-        """One memory per key layer, with the tuned memory's settings."""
-        layers = [layers] if isinstance(layers, str) else list(layers)
-        if not layers or len(set(layers)) != len(layers):
-            raise ValueError(
-                f"`layers` must be a non-empty list of distinct layer names. Received: {layers!r}"
-            )
+    def _build_candidates(self, layers, key_projections, train_data):
+        """One memory per key layer and projection, with the tuned memory's settings."""
+        memory = self.memory
+        embedding, output = memory.input
+        own = embedding._keras_history.operation.name
+        own_dim = 0 if memory.key_projection is None else memory.key_projection.dim
+        tuned = []
+        if layers is not None:
+            layers = [layers] if isinstance(layers, str) else list(layers)
+            if not layers or len(set(layers)) != len(layers):
+                raise ValueError(
+                    "`layers` must be a non-empty list of distinct layer names. "
+                    f"Received: {layers!r}"
+                )
+            tuned.append("layer")
+        if key_projections is not None:
+            dims = [_projection_dim(p) for p in list(key_projections)]
+            if not dims or len(set(dims)) != len(dims):
+                raise ValueError(
+                    "`key_projections` must be a non-empty list of distinct dims (None for no "
+                    f"projection). Received: key_projections={key_projections!r}"
+                )
+            tuned.append("key_projection")
         if train_data is None:
             raise ValueError(
-                "`layers` builds one memory per candidate key layer from `train_data`, the "
-                "data the model's memory was built from; pass `train_data`."
+                f"`{'` and `'.join(n + 's' for n in tuned)}` builds one memory per candidate "
+                "from `train_data`, the data the model's memory was built from; pass "
+                "`train_data`."
             )
-        embedding, output = self.memory.input
+        self._tuned = tuple(tuned)
         base = keras.Model(self.model.inputs, output, name=self.model.name)
-        own = embedding._keras_history.operation.name
-        memory = self.memory
         candidates = {}
-        for layer in layers:
-            if layer == own:
-                candidates[layer] = (self.model, memory)
-                continue
-            resmem = attach_memory(
-                base,
-                layer,
-                train_data,
-                k=memory.k,
-                sigma=memory.sigma,
-                temperature=memory.temperature,
-                task=memory.task,
-                from_logits=memory.from_logits,
-                search=memory.search.clone(),
-                sparse_residuals=memory.sparse_residuals,
-                batch_size=self.batch_size,
-                verbose=0,
-            )
-            candidates[layer] = (resmem, resmem.get_layer("residual_memory"))
+        for layer in layers or [own]:
+            for dim in dims if key_projections is not None else [own_dim]:
+                key = self._candidate_key({"layer": layer, "key_projection": dim})
+                if layer == own and dim == own_dim:
+                    candidates[key] = (self.model, memory)
+                    continue
+                resmem = self._attach(base, layer, dim, train_data)
+                candidates[key] = (resmem, resmem.get_layer("residual_memory"))
         return candidates
+
+    def _candidate_key(self, values):
+        """The candidate of a trial (`values`: its hyperparameters)."""
+        key = tuple(values[name] for name in self._tuned)
+        return key[0] if len(key) == 1 else (key or None)
+
+    def _attach(self, base, layer, dim, train_data):
+        memory = self.memory
+        return attach_memory(
+            base,
+            layer,
+            train_data,
+            k=memory.k,
+            sigma=memory.sigma,
+            temperature=memory.temperature,
+            task=memory.task,
+            from_logits=memory.from_logits,
+            search=memory.search.clone(),
+            sparse_residuals=memory.sparse_residuals,
+            key_projection=dim or None,
+            batch_size=self.batch_size,
+            verbose=0,
+        )
 
     @property
     def _layered(self):
         return None not in self.candidates
 
     def _required_names(self):
-        names = {"k", "sigma_scale" if self._layered else "sigma"}
-        if self._layered:
-            names.add("layer")
+        names = {"k", "sigma_scale" if self._layered else "sigma", *self._tuned}
         # A sparse memory's ResMem temperature is fixed when it is built.
         uses_temperature = {"interpolation"} | (
             set() if self.memory.sparse_residuals is not None else {"resmem"}
@@ -252,7 +290,9 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
         hp = keras_tuner.HyperParameters()
         names = self._required_names()
         if "layer" in names:
-            hp.Choice("layer", list(self.candidates))
+            hp.Choice("layer", list(dict.fromkeys(self._candidate_layers())))
+        if "key_projection" in names:
+            hp.Choice("key_projection", list(dict.fromkeys(self._candidate_dims())))
         if "method" in names:
             hp.Choice("method", self.methods)
         smallest = min(memory.memory_size for _, memory in self.candidates.values())
@@ -268,9 +308,17 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
             hp.Float("knn_weight", 0.0, 1.0)
         return hp
 
+    def _candidate_layers(self):
+        keys = list(self.candidates)
+        return [k[0] for k in keys] if len(self._tuned) == 2 else keys
+
+    def _candidate_dims(self):
+        keys = list(self.candidates)
+        return [k[1] for k in keys] if len(self._tuned) == 2 else keys
+
     def _trial_memory(self, values):
-        """`(model, memory)` of a trial's key layer."""
-        return self.candidates[values["layer"] if self._layered else None]
+        """`(model, memory)` of a trial's key layer and projection."""
+        return self.candidates[self._candidate_key(values)]
 
     def _trial_settings(self, values):
         """The `NeighborCache.predict` (and memory attribute) settings of a trial."""
@@ -296,7 +344,8 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
             n = memory.memory_size
             ids = np.random.default_rng(0).permutation(n)[:256]
             sample = tf.gather(memory.keys, ids)  # 256 rows, not a copy of the table
-            _, distances, _ = memory.neighbors(sample, k=min(2, n))
+            # Stored keys, already projected if the memory projects: searched as they are.
+            _, distances = memory._search_neighbors(sample, min(2, n), memory.search)
             scale = float(np.median(distances.numpy()[:, -1]))
             scales[id(memory)] = scale if scale > 0 else 1.0
         return scales[id(memory)]
@@ -342,7 +391,7 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
 
     def run_trial(self, trial, *args, **kwargs):
         values = trial.hyperparameters.values
-        cache = self._caches[values["layer"] if self._layered else None]
+        cache = self._caches[self._candidate_key(values)]
         scores = cache.predict(**self._trial_settings(values))
         metrics = trial_metrics(
             self._y_val, self._deepnet, scores, self.fpr_bound, task=self.memory.task
@@ -374,3 +423,9 @@ class ResMemTuner(keras_tuner.engine.base_tuner.BaseTuner):
         model, tuned = self._trial_memory(values)
         memory = tuned._with_settings(**self._trial_settings(values))
         return keras.Model(model.inputs, memory(tuned.input), name=model.name)
+
+
+def _projection_dim(value):
+    """A candidate key projection as its dim, 0 for None."""
+    projection = projection_lib.get(value)
+    return 0 if projection is None else projection.dim
