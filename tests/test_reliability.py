@@ -114,6 +114,8 @@ def test_tampered_scann_files_get_clear_errors_and_never_kill_the_process(tmp_pa
         "partitioner_empty": {"serialized_partitioner.bin": truncate(0)},
         "partitioner_truncated": {"serialized_partitioner.bin": truncate(700)},
         "config_truncated": {"scann_config.bin": truncate(40)},
+        # Int8-scored leaves (the default): ScaNN is given no float keys, only codes.
+        "codes_short": {"int8_dataset.npy": _npy(lambda a: a[:-5])},
     }
     paths = {"good": good}
     for name, edits in cases.items():
