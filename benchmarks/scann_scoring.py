@@ -5,7 +5,8 @@
 `scoring="exact"` (float32 distances in ScaNN), each built by
 `keras_resmem.search.ScannSearch.build` with the library's other defaults for
 the memory's size, searched at `--leaves` leaves: recall against exact search,
-and queries per second of `ScannSearch.search` at batch 256 (best of 3 rounds).
+and queries per second of `ScannSearch.search` at batch 256 and at batch 1, eagerly and in a
+`tf.function` (best of 3 rounds each).
 Keys and queries: `benchmarks/embeddings.py` (84 augmented copies of
 Fashion-MNIST, 32-d `pre_logits`). Writes `results/benchmarks/scann_scoring.{json,md}`.
 
@@ -30,6 +31,7 @@ def main(argv=None):
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--num-queries", type=int, default=10_000)
     parser.add_argument("--leaves", default="0,8,5", help="leaves searched; 0: the index's own")
+    parser.add_argument("--batch1-queries", type=int, default=300)
     parser.add_argument("--min-seconds", type=float, default=3.0, help="per throughput figure")
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "results", "benchmarks"))
     args = parser.parse_args(argv)
@@ -57,6 +59,18 @@ def main(argv=None):
                 batches[:-1],  # whole batches of 256
                 args.min_seconds,
             )
+            singles = [queries[i : i + 1] for i in range(args.batch1_queries)]
+            compiled = tf.function(lambda q, index=index: index.search(q, args.k))
+            qps_1 = {
+                "eager": _common.queries_per_second(
+                    lambda q, index=index: index.search(q, args.k).numpy(),
+                    singles,
+                    args.min_seconds,
+                ),
+                "compiled": _common.queries_per_second(
+                    lambda q, compiled=compiled: compiled(q).numpy(), singles, args.min_seconds
+                ),
+            }
             rows.append(
                 {
                     "scoring": scoring,
@@ -65,6 +79,8 @@ def main(argv=None):
                     "leaves_to_search": n_leaves or index.options["num_leaves_to_search"],
                     "recall": _common.recall(found, truth),
                     "qps_batch_256": qps,
+                    "qps_batch_1_eager": qps_1["eager"],
+                    "qps_batch_1_compiled": qps_1["compiled"],
                 }
             )
             print(rows[-1], flush=True)
@@ -84,11 +100,13 @@ def main(argv=None):
         f"ScaNN leaf scoring, {args.size:,} entries, recall@{args.k} over {len(queries):,} "
         "queries (`" + result["command"] + "`)",
         "",
-        "| scoring | build | leaves searched | recall | q/s, batch 256 |",
-        "|---|---|---|---|---|",
+        "| scoring | build | leaves searched | recall | q/s, batch 256 "
+        "| batch 1, eager | batch 1, `tf.function` |",
+        "|---|---|---|---|---|---|---|",
     ] + [
         f"| `{r['scoring']}` | {r['build_seconds']:.1f} s | {r['leaves_to_search']} "
-        f"| {r['recall']:.4f} | {r['qps_batch_256']:,.0f} |"
+        f"| {r['recall']:.4f} | {r['qps_batch_256']:,.0f} | {r['qps_batch_1_eager']:,.0f} "
+        f"| {r['qps_batch_1_compiled']:,.0f} |"
         for r in rows
     ]
     _common.write_results(args.output_dir, "scann_scoring", result, lines)
