@@ -79,8 +79,8 @@ def default_scann_options(memory_size, key_dim):
     keys: the memory's key table is the only one, and the build peaks at
     about one copy of the keys less than with `"exact"`, whose float input
     ScaNN copies twice while it loads it. At 5M entries it found 99.79% of the
-    50 nearest, `"exact"` 99.81%, at 0.83x its queries per second at batch 256
-    (`benchmarks/scann_scoring.py`, docs/BENCHMARKS.md).
+    50 nearest, `"exact"` 99.81%, at about 0.85x its queries per second at
+    batch 256 (`benchmarks/scann_scoring.py`, docs/BENCHMARKS.md).
 
     Measured on Fashion-MNIST `pre_logits` embeddings (32-d ReLU features of
     augmented near-duplicate images; 2 shared CPU cores, `benchmarks/scale.py`):
