@@ -95,11 +95,12 @@ def _load_in_subprocess(paths):
     return {line.split(" ", 1)[0]: line for line in lines}
 
 
-def test_tampered_scann_files_get_clear_errors_and_never_kill_the_process(tmp_path):
+@pytest.mark.parametrize("scoring", ["exact", "int8"])
+def test_tampered_scann_files_get_clear_errors_and_never_kill_the_process(tmp_path, scoring):
     x, y = _data(3000)
     model = keras_resmem.attach_memory(
         _base(), "pre_logits", (x, y), k=5, verbose=0,
-        search=search_lib.ScaNN(num_leaves=16, brute_force=False),
+        search=search_lib.ScaNN(num_leaves=16, brute_force=False, scoring=scoring),
     )  # fmt: skip
     good = tmp_path / "good.keras"
     model.save(good)
@@ -115,6 +116,8 @@ def test_tampered_scann_files_get_clear_errors_and_never_kill_the_process(tmp_pa
         "partitioner_truncated": {"serialized_partitioner.bin": truncate(700)},
         "config_truncated": {"scann_config.bin": truncate(40)},
     }
+    if scoring == "int8":  # ScaNN is given no float keys, only codes
+        cases["codes_short"] = {"int8_dataset.npy": _npy(lambda a: a[:-5])}
     paths = {"good": good}
     for name, edits in cases.items():
         # With the digest (corruption is caught by it) and without (an attacker drops it).

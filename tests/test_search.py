@@ -216,10 +216,18 @@ def test_smallest_k_equals_a_full_sort(rng, n, k):
     np.testing.assert_array_equal(got_values.numpy(), np.take_along_axis(values, want, 1))
 
 
-def test_scann_defaults_score_the_searched_leaves_exactly():
+def test_scann_defaults_score_exactly_and_int8_rescores_100():
     assert search.resolve_scann_options(10_000, 32) == {"brute_force": True}
     opts = search.resolve_scann_options(1_000_000, 32)
     assert opts["scoring"] == "exact" and "reorder" not in opts
+    int8 = search.resolve_scann_options(1_000_000, 32, {"scoring": "int8"})
+    assert int8["scoring"] == "int8" and int8["reorder"] == 100
+    assert (
+        search.resolve_scann_options(1_000_000, 32, {"scoring": "int8", "reorder": 60})["reorder"]
+        == 60
+    )
+    with pytest.raises(ValueError, match="`reorder` must be a positive integer"):
+        search.resolve_scann_options(1_000_000, 32, {"scoring": "int8", "reorder": 0})
     assert opts["num_leaves"] == 1000 and opts["num_leaves_to_search"] == 16
     # Asymmetric-hashing options ask for asymmetric hashing, with its defaults.
     ah = search.resolve_scann_options(1_000_000, 32, {"reorder": 2000})
@@ -253,12 +261,13 @@ def _recall(found, truth):
     return np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth, strict=True)])
 
 
-def test_scann_exact_scoring_recall_and_leaves_override(rng):
+@pytest.mark.parametrize("scoring", ["int8", "exact"])
+def test_scann_scoring_recall_and_leaves_override(rng, scoring):
     keys = clustered(rng, 40000, 16)
     queries = clustered(rng, 300, 16)
     truth = ref.knn(keys, queries, 50)[0]
-    index = search.ScannSearch.build(keys)
-    assert index.options["scoring"] == "exact"
+    index = search.ScannSearch.build(keys, {"scoring": scoring})
+    assert index.options["scoring"] == scoring
     found = index.search(tf.constant(queries), 50).numpy()
     assert found.shape == (300, 50)
     assert _recall(found, truth) >= 0.95
@@ -405,3 +414,48 @@ def test_scann_index_collected_during_a_trace_is_freed_outside_it(rng):
     assert "DestroyResourceOp" not in {op.type for op in traced.graph.get_operations()}
     with pytest.raises((tf.errors.NotFoundError, tf.errors.FailedPreconditionError)):
         search._scann_ops().scann_search_batched(handle, tf.constant(keys[:2]), 3, -1, -1, False)
+
+
+def test_scann_int8_build_keeps_no_float_copy_and_finds_the_neighbours_of_exact(rng, tmp_path):
+    # The int8 index is built from ScaNN's tensors (tree on a sample, leaves
+    # and codes computed here): ScaNN holds no float dataset, and after the
+    # exact re-scoring it finds the neighbours the float-scored index finds.
+    keys = tf.Variable(clustered(rng, 30000, 8), trainable=False)
+    queries = tf.constant(clustered(rng, 200, 8))
+    truth = ref.knn(keys.numpy(), queries.numpy(), 20)[0]
+    int8 = search.ScannSearch.build(keys, {"scoring": "int8"})
+    exact = search.ScannSearch.build(keys)
+    tensors = int8.index_tensors()
+    assert tensors["int8_dataset"].shape == (30000, 8)
+    assert search._scann_ops().scann_to_tensors(int8.handle)[-1].shape.rank == 0  # no floats
+    # Every key in the leaf of its nearest center, as ScaNN's builder assigns it.
+    tokens = tensors["datapoint_to_token"].numpy()
+    assert np.bincount(tokens, minlength=int8.options["num_leaves"]).sum() == 30000
+    for index in (int8, exact):
+        index.leaves_to_search = tf.Variable(index.options["num_leaves"])
+    found = {name: ix.search(queries, 20).numpy() for name, ix in (("i", int8), ("e", exact))}
+    np.testing.assert_array_equal(np.sort(found["i"], 1), np.sort(found["e"], 1))
+    np.testing.assert_array_equal(np.sort(found["i"], 1), np.sort(truth, 1))
+    for index in (int8, exact):
+        index.leaves_to_search.assign(16)
+    searched = {name: ix.search(queries, 20).numpy() for name, ix in (("i", int8), ("e", exact))}
+    assert _recall(searched["i"], truth) >= _recall(searched["e"], truth) - 0.01
+    # Nearest first by exact distance, eagerly and compiled; saved and loaded.
+    compiled = tf.function(lambda q: int8.search(q, 20))(queries).numpy()
+    np.testing.assert_array_equal(np.sort(compiled, 1), np.sort(searched["i"], 1))
+    one = int8.search(queries[:1], 20).numpy()  # eager, re-scored in NumPy
+    np.testing.assert_array_equal(np.sort(one, 1), np.sort(searched["i"][:1], 1))
+    int8.save(str(tmp_path))
+    loaded = search.ScannSearch.load(str(tmp_path), keys, {"scoring": "exact"})
+    assert loaded.options["scoring"] == "int8"  # from the saved config, not the options
+    loaded.leaves_to_search = 16
+    np.testing.assert_array_equal(loaded.search(queries, 20).numpy(), searched["i"])
+    # A float-scored index saved before int8 was the default loads as it was built.
+    (tmp_path / "exact").mkdir()
+    exact.save(str(tmp_path / "exact"))
+    old = search.ScannSearch.load(
+        str(tmp_path / "exact"), keys, search.default_scann_options(30000, 8)
+    )
+    assert old.options["scoring"] == "exact" and old._keys is None
+    old.leaves_to_search = 16
+    np.testing.assert_array_equal(old.search(queries, 20).numpy(), searched["e"])

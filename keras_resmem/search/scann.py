@@ -47,7 +47,7 @@ def _scann_ops():
     return scann_ops
 
 
-SCANN_SCORING = ("exact", "ah")
+SCANN_SCORING = ("exact", "int8", "ah")
 # Options that only asymmetric hashing uses: given without `scoring`, they ask for it.
 _SCANN_AH_OPTIONS = ("dimensions_per_block", "reorder")
 SCANN_OPTIONS = (
@@ -61,16 +61,26 @@ SCANN_OPTIONS = (
 
 
 def default_scann_options(memory_size, key_dim):
-    """ScaNN settings: ~sqrt(n) leaves, a 128th of them (at least 16) scored exactly.
+    """ScaNN settings: ~sqrt(n) leaves, a 128th of them (at least 16) searched.
 
     `brute_force`: score every entry (no tree); the default below 20,000 entries.
     `num_leaves`: the k-means leaves of the tree. `num_leaves_to_search`: the
     leaves searched per query, nearest centroids first. `training_sample_size`:
     the k-means training sample. `min_partition_size`: k-means re-seeds a
     leaf given fewer training keys than this. `scoring`: how the entries of the searched
-    leaves are scored: `"exact"` (float32 distances, the default) or `"ah"`
-    (ScaNN's asymmetric hashing, `dimensions_per_block` dims per 4-bit code,
-    then the best `reorder` candidates re-scored exactly).
+    leaves are scored: `"exact"` (the default: float32 distances in ScaNN),
+    `"int8"` (ScaNN's 8-bit scalar quantization, then the best
+    `max(reorder, 2 * k)` candidates re-scored exactly against the memory's
+    own keys; `reorder` defaults to 100) or `"ah"` (ScaNN's asymmetric
+    hashing, `dimensions_per_block` dims per 4-bit code, then the best
+    `reorder` candidates re-scored exactly by ScaNN).
+
+    With `"int8"` ScaNN keeps no float copy of the keys: the memory's key
+    table is the only one, and the build peaks at about one copy of the keys
+    less than with `"exact"`, whose float input ScaNN copies twice while it
+    loads it. At 5M entries it found 99.79% of the 50 nearest, `"exact"`
+    99.81%, at about 0.85x its queries per second at batch 256
+    (`benchmarks/scann_scoring.py`, docs/BENCHMARKS.md).
 
     Measured on Fashion-MNIST `pre_logits` embeddings (32-d ReLU features of
     augmented near-duplicate images; 2 shared CPU cores, `benchmarks/scale.py`):
@@ -129,12 +139,17 @@ def resolve_scann_options(memory_size, key_dim, options=None):
     if opts["scoring"] == "ah":
         opts.setdefault("dimensions_per_block", 1 if key_dim <= 64 or key_dim % 2 else 2)
         opts.setdefault("reorder", 1000)
+    if opts["scoring"] == "int8":
+        # Candidates re-scored exactly (at least 2k): at 5M entries, in a
+        # development check over 1,000 queries, 100 candidates for k=50
+        # found 99.8% of the 50 nearest, 50 (no re-scoring) 91%.
+        opts.setdefault("reorder", 100)
     for name in (
         "num_leaves",
         "num_leaves_to_search",
         "training_sample_size",
         "min_partition_size",
-    ) + (_SCANN_AH_OPTIONS if opts["scoring"] == "ah" else ()):
+    ) + {"ah": _SCANN_AH_OPTIONS, "int8": ("reorder",)}.get(opts["scoring"], ()):
         value = opts[name]
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(
@@ -286,6 +301,13 @@ def check_index_files(dir_path, memory_size, key_dim):
     int8 = array("int8_dataset", np.int8)
     if int8 is not None and int8.size and int8.shape != (memory_size, key_dim):
         fail("int8_dataset.npy", f"must have shape ({memory_size}, {key_dim})")
+    if config.brute_force.fixed_point.enabled and config.HasField("partitioning"):
+        # Int8-scored leaves: ScaNN is given no float keys, only these codes.
+        if int8 is None or int8.shape != (memory_size, key_dim):
+            fail("int8_dataset.npy", f"must have shape ({memory_size}, {key_dim})")
+        scales = array("int8_multipliers", np.float32)
+        if scales is None or scales.shape != (key_dim,):
+            fail("int8_multipliers.npy", f"must have shape ({key_dim},)")
     for name, shape in (("int8_multipliers", (key_dim,)), ("dp_norms", (memory_size,))):
         value = array(name, np.float32)
         if value is not None and value.size:
@@ -316,8 +338,10 @@ class ScannSearch(_Searcher):
     """ScaNN search through its TensorFlow ops, so search runs in the graph.
 
     Build with `ScannSearch.build(keys, options)`; persist with `save(dir)`
-    and `ScannSearch.load(dir, keys)`. The float dataset ScaNN re-ranks with
-    is the memory's own key table, so it is not stored twice on disk.
+    and `ScannSearch.load(dir, keys)`. The float dataset of float-scored
+    leaves is the memory's own key table, so it is not stored twice on disk;
+    int8-scored leaves give ScaNN no float dataset at all, and
+    their candidates are re-scored against the memory's keys.
 
     Args:
         handle: the searcher (a ScaNN resource handle).
@@ -325,14 +349,18 @@ class ScannSearch(_Searcher):
         leaves_to_search: `None` (the leaves searched are the index's own
             `num_leaves_to_search`), or an int or int32 scalar variable that
             overrides it at search time, as `IVFSearch`'s `num_probes` does.
+        keys: the memory's keys (`scoring="int8"`: ScaNN holds no float copy,
+            and its candidates are re-scored against these).
     """
 
     name = "scann"
 
-    def __init__(self, handle, options, leaves_to_search=None):
+    def __init__(self, handle, options, leaves_to_search=None, keys=None):
         self.handle = handle
         self.options = dict(options)
         self.leaves_to_search = leaves_to_search
+        # The float keys that `scoring="int8"` re-scores its candidates with.
+        self._keys = keys
 
     @property
     def leaves_to_search(self):
@@ -360,9 +388,24 @@ class ScannSearch(_Searcher):
         `ScaNN`); without, the searcher owns it and frees it when collected.
         """
         scann_ops = _scann_ops()
+        source = keys
         keys = tf.convert_to_tensor(keys, tf.float32)
         n, d = keys.shape
         opts = resolve_scann_options(n, d, options)
+        if not opts["brute_force"] and opts["scoring"] == "int8":
+            tensors = _int8_index_tensors(keys, opts)
+            handle = scann_ops.tensors_to_scann(
+                tf.zeros([0, d], tf.float32),
+                **tensors,
+                shared_name=shared_name or f"keras_resmem_scann_{uuid.uuid4().hex}",
+            )
+            del tensors
+            # The variable itself, when given one: a compiled search reads
+            # the memory's current keys, not those of this build.
+            keys = keys if isinstance(source, np.ndarray) else source
+            if shared_name is not None:
+                return cls(handle, opts, keys=keys)
+            return cls._owning(handle, opts, keys=keys)
         builder = scann_ops.builder(keys, 10, "squared_l2")
         if opts["brute_force"]:
             builder = builder.score_brute_force()
@@ -382,14 +425,14 @@ class ScannSearch(_Searcher):
         return cls._owning(builder.build().searcher_handle, opts)
 
     @classmethod
-    def _owning(cls, handle, options):
+    def _owning(cls, handle, options, keys=None):
         """A searcher that frees ScaNN's index once it is garbage-collected.
 
         ScaNN's index lives in TensorFlow's resource manager, outside Python's
         reach: without `DestroyResourceOp` every index built in a process
         stays in RAM until the process ends.
         """
-        searcher = cls(handle, options)
+        searcher = cls(handle, options, keys=keys)
         weakref.finalize(searcher, _destroy_resource, handle).atexit = False
         return searcher
 
@@ -424,15 +467,43 @@ class ScannSearch(_Searcher):
         if search_threads() > 1 and queries.shape[0] >= 2 * self.min_shard_size:
             return None  # shards, in the compiled graph
         ids, _ = _scann_ops().scann_search_batched(
-            self.handle, queries, k, *self._search_depth(k), False
+            self.handle, queries, self._candidates(k), *self._search_depth(k), False
         )
         if not ids.shape[0]:  # ScaNN's op gives (0, 1) for no queries
             return tf.zeros([0, int(k)], tf.int32)
-        if ids.shape[1] != int(k):
+        if ids.shape[1] < int(k):
             raise tf.errors.InvalidArgumentError(
                 None, None, f"{_SCANN_SHORT_RESULT} k={int(k)}, ids found: {ids.shape[1]}"
             )
-        return ids
+        if self.options.get("scoring") != "int8" or self.options.get("brute_force"):
+            return ids
+        # Eagerly, in NumPy after one gather: each eager TensorFlow op costs
+        # about as much as ScaNN's whole search of a single query.
+        rows = tf.gather(tf.convert_to_tensor(self._keys), ids).numpy()
+        ids, queries = ids.numpy(), queries.numpy()
+        squared = np.square(rows - queries[:, None, :]).sum(axis=-1)
+        best = np.argsort(squared, axis=-1, kind="stable")[:, : int(k)]
+        return tf.constant(np.take_along_axis(ids, best, axis=-1))
+
+    def _candidates(self, k):
+        """How many ids to ask ScaNN for: k, or with `scoring="int8"` `max(reorder, 2k)`."""
+        if self.options.get("scoring") != "int8" or self.options.get("brute_force"):
+            return k
+        if tf.executing_eagerly() and not isinstance(k, tf.Tensor):
+            return max(int(self.options["reorder"]), 2 * int(k))
+        return tf.maximum(int(self.options["reorder"]), 2 * k)
+
+    def _rescore(self, queries, ids, k):
+        """The k of ScaNN's candidates `ids` nearest by float32 distance (`"int8"`)."""
+        if self.options.get("scoring") != "int8" or self.options.get("brute_force"):
+            return ids
+        # A read of the whole table, then a gather from the tensor: a
+        # gather from the variable itself (`ResourceGather`) would put it
+        # in copy-on-read mode (see `residual_memory._adopt`).
+        candidates = tf.gather(tf.convert_to_tensor(self._keys), ids)
+        squared = tf.reduce_sum(tf.square(candidates - queries[:, None, :]), axis=-1)
+        _, best = tf.math.top_k(-squared, k=k)
+        return tf.gather(ids, best, batch_dims=1)
 
     def _search_depth(self, k):
         """ScaNN's `pre_reorder_nn` and `leaves_to_search` inputs for a search of `k`.
@@ -444,7 +515,7 @@ class ScannSearch(_Searcher):
         Eagerly they are Python ints: an eager op apiece would cost more than
         a small search.
         """
-        reorder = self.options.get("reorder")
+        reorder = self.options.get("reorder") if self.options.get("scoring") == "ah" else None
         leaves = self.leaves_to_search
         if tf.executing_eagerly():
             pre = max(int(k), int(reorder)) if reorder else -1
@@ -454,13 +525,21 @@ class ScannSearch(_Searcher):
 
     def _search_shard(self, handle, queries, k):
         ids, _ = _scann_ops().scann_search_batched(
-            handle, queries, k, *self._search_depth(k), False
+            handle, queries, self._candidates(k), *self._search_depth(k), False
         )
-        complete = tf.logical_or(tf.shape(ids)[0] == 0, tf.shape(ids)[1] == k)
+        complete = tf.logical_or(tf.shape(ids)[0] == 0, tf.shape(ids)[1] >= k)
         check = tf.debugging.Assert(
             complete, [_SCANN_SHORT_RESULT + " k and ids found:", k, tf.shape(ids)[1]]
         )
         with tf.control_dependencies([check]):
+            if self.options.get("scoring") == "int8" and not self.options.get("brute_force"):
+                # No queries: ScaNN's (0, 1) ids; reshaped, top-k has its k.
+                ids = tf.reshape(ids, [tf.shape(ids)[0], -1])
+                ids = tf.cond(
+                    tf.shape(ids)[0] > 0,
+                    lambda: self._rescore(queries, ids, k),
+                    lambda: tf.zeros([0, k], tf.int32),
+                )
             return tf.reshape(ids, [-1, k])
 
     def index_tensors(self):
@@ -509,17 +588,113 @@ class ScannSearch(_Searcher):
             else:
                 arr = np.load(os.path.join(dir_path, f"{name}.npy"), allow_pickle=False)
                 tensors[name] = tf.constant(arr, dtype=dtype)
+                del arr
+        options = dict(options, scoring=_saved_scoring(tensors["scann_config"], options))
+        int8 = options["scoring"] == "int8" and not options.get("brute_force")
+        if int8:
+            options.setdefault("reorder", 100)
         handle = _scann_ops().tensors_to_scann(
-            tf.convert_to_tensor(keys),
+            _float_dataset(keys, int8),
             **tensors,
             # A unique name per index, unless the caller owns the name: the
             # op's kernel keeps the searcher it made while it exists, and an
             # eager call with the same attributes reuses that kernel.
             shared_name=shared_name or f"keras_resmem_scann_{uuid.uuid4().hex}",
         )
+        keys = keys if int8 else None
         if shared_name is not None:
-            return cls(handle, options)
-        return cls._owning(handle, options)
+            return cls(handle, options, keys=keys)
+        return cls._owning(handle, options, keys=keys)
+
+
+def _float_dataset(keys, int8):
+    """ScaNN's float dataset: the keys, or none (`(0, d)`) for int8-scored leaves."""
+    if int8:
+        return tf.zeros([0, keys.shape[-1]], tf.float32)
+    return tf.convert_to_tensor(keys)
+
+
+def _saved_scoring(config, options):
+    """The `scoring` of a saved index, read from its config (not from today's defaults)."""
+    from scann.proto import scann_pb2
+
+    parsed = scann_pb2.ScannConfig.FromString(config.numpy()[0])
+    if not parsed.HasField("partitioning"):
+        return options.get("scoring")
+    if parsed.HasField("hash"):
+        return "ah"
+    return "int8" if parsed.brute_force.fixed_point.enabled else "exact"
+
+
+def _int8_index_tensors(keys, options, chunk_rows=32_768):
+    """ScaNN's index tensors for a tree with int8-scored leaves, built in chunks.
+
+    ScaNN's builder copies its whole float input twice before it quantizes
+    it. Here the tree is trained on a sample only (by ScaNN's builder), and
+    each key's leaf (its nearest center), its int8 codes and their scale are
+    computed a chunk at a time: apart from the keys, nothing bigger than the
+    int8 codes (a quarter of the keys) is ever held. Rows are read in
+    slices, never gathered from a variable (see `_rescore`).
+
+    Returns:
+        `{name: tensor}`, the arguments of `tensors_to_scann` after the dataset.
+    """
+    from scann.partitioning import partitioner_pb2
+
+    from keras_resmem.search.ivf import _nearest_centroids
+
+    n, d = keys.shape
+    size = options["training_sample_size"]
+    picked = np.sort(np.random.default_rng(0).choice(n, size, replace=False))
+    sample, max_abs = [], np.zeros(d, np.float32)
+    for start in range(0, n, chunk_rows):
+        rows = keys[start : start + chunk_rows].numpy()
+        max_abs = np.maximum(max_abs, np.abs(rows).max(axis=0))
+        lo, hi = np.searchsorted(picked, [start, start + len(rows)])
+        sample.append(rows[picked[lo:hi] - start])
+    sample = np.concatenate(sample)
+    tree = (
+        _scann_ops()
+        .builder(sample, 10, "squared_l2")
+        .tree(
+            num_leaves=options["num_leaves"],
+            num_leaves_to_search=options["num_leaves_to_search"],
+            training_sample_size=len(sample),
+            min_partition_size=options["min_partition_size"],
+        )
+        .score_brute_force(quantize=True)
+        .build()
+    )
+    config, serialized_partitioner, *_ = _scann_ops().scann_to_tensors(tree.searcher_handle)
+    _destroy_resource(tree.searcher_handle)
+    del tree, sample
+    partitioner = partitioner_pb2.SerializedPartitioner.FromString(
+        serialized_partitioner.numpy()[0]
+    )
+    root = partitioner.kmeans.kmeans_tree.root
+    centers = np.array(
+        [list(c.float_dimension) or list(c.dimension) for c in root.centers], np.float32
+    )
+    leaf_ids = np.array([child.leaf_id for child in root.children], np.int32)
+    # ScaNN's scalar quantization: per dimension, the largest |value| maps to 127.
+    multipliers = (127.0 / np.where(max_abs > 0, max_abs, 1.0)).astype(np.float32)
+    tokens = np.empty(n, np.int32)
+    codes = np.empty((n, d), np.int8)
+    for start in range(0, n, chunk_rows):
+        rows = keys[start : start + chunk_rows].numpy()
+        tokens[start : start + len(rows)] = leaf_ids[_nearest_centroids(rows, centers)]
+        codes[start : start + len(rows)] = np.clip(np.round(rows * multipliers), -127, 127)
+    return {
+        "scann_config": config,
+        "serialized_partitioner": serialized_partitioner,
+        "datapoint_to_token": tokens,
+        "ah_codebook": tf.constant(""),
+        "hashed_dataset": tf.zeros([], tf.uint8),
+        "int8_dataset": codes,
+        "int8_multipliers": multipliers,
+        # Empty: ScaNN computes the codes' norms itself.
+        "dp_norms": tf.zeros([0], tf.float32),
+    }
 
 
 class SavedScannSearch(tf.Module):
@@ -589,13 +764,18 @@ class SavedScannSearch(tf.Module):
     # looks for variables, and would run the ops eagerly (at export).
     def _handle(self):
         keys, index = self._checked_index()
-        return _scann_ops().tensors_to_scann(keys, **index, shared_name=self.shared_name)
+        int8 = self.options.get("scoring") == "int8" and not self.options.get("brute_force")
+        return _scann_ops().tensors_to_scann(
+            _float_dataset(keys, int8), **index, shared_name=self.shared_name
+        )
 
     # Always in a graph (an export): the graph path, without the eager one.
     min_shard_size = ScannSearch.min_shard_size
     leaves_to_search = None
     search = ScannSearch._search
     _search_shard = ScannSearch._search_shard
+    _candidates = ScannSearch._candidates
+    _rescore = ScannSearch._rescore
     _search_depth = ScannSearch._search_depth
 
 
@@ -623,8 +803,14 @@ class ScaNN(SearchBackend):
         num_leaves_to_search: the leaves searched per query, as built into the index.
         training_sample_size: the k-means training sample.
         min_partition_size: k-means re-seeds a leaf given fewer training keys.
-        scoring: `"exact"` (float32 distances) or `"ah"` (asymmetric hashing).
-        dimensions_per_block, reorder: `"ah"` only.
+        scoring: `"exact"` (the default: float32 distances in ScaNN, which
+            keeps its own copy of the keys), `"int8"` (ScaNN scores 8-bit
+            codes, then the best `max(reorder, 2k)` are re-scored exactly
+            against the memory's keys, so ScaNN holds no float copy of them:
+            a build's peak RAM is about one copy of the keys lower, for
+            somewhat fewer queries per second) or `"ah"` (asymmetric hashing).
+        reorder: `"int8"` and `"ah"`; given without `scoring`, it selects `"ah"`.
+        dimensions_per_block: `"ah"` only.
         leaves_to_search: `None` (the index's own `num_leaves_to_search`), or
             the leaves searched per query at search time.
 
