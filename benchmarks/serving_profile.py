@@ -36,7 +36,7 @@ import tempfile
 import _common
 import numpy as np
 from embeddings import ROOT
-from serving_vs_faiss import clustered, export_network, fashion_mnist_keys, models
+from serving_vs_faiss import add_memory_arguments, export_network, memory_keys, models
 
 import keras_resmem
 from keras_resmem import search as search_lib
@@ -121,21 +121,13 @@ print("RESULT", json.dumps(out))
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--keys", default="fashion-mnist", choices=["fashion-mnist", "clustered"])
-    parser.add_argument("--size", type=int, default=60_000)
-    parser.add_argument("--dim", type=int, default=32)
-    parser.add_argument("--k", type=int, default=50)
+    add_memory_arguments(parser)
     parser.add_argument("--num-probes", type=int, default=16)
-    parser.add_argument("--scoring", default="exact", choices=list(search_lib.ivf.IVF_SCORING))
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "results", "benchmarks"))
     args = parser.parse_args(argv)
 
-    rng = np.random.default_rng(0)
-    if args.keys == "clustered":
-        keys, labels, queries = clustered(args.size, args.dim, 4096, rng)
-    else:
-        keys, labels, queries = fashion_mnist_keys(args.size, 4096)
+    keys, labels, queries = memory_keys(args, 4096)
     work = tempfile.mkdtemp(prefix="serving-profile-")
     np.save(os.path.join(work, "queries.npy"), queries)
     network = models(keys.shape[1], 10)

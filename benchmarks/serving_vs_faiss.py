@@ -207,14 +207,26 @@ def faiss_knob(index_kind, keys, queries, truth, k, target, nlist, threads):
     return knob, got
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_memory_arguments(parser):
+    """The arguments this script shares with `serving_profile.py`: keys, k, IVF scoring."""
     parser.add_argument("--keys", default="fashion-mnist", choices=["fashion-mnist", "clustered"])
     parser.add_argument("--size", type=int, default=60_000)
-    parser.add_argument("--dim", type=int, default=32)
+    parser.add_argument("--dim", type=int, default=32, help="clustered keys only")
     parser.add_argument("--k", type=int, default=50)
-    parser.add_argument("--recall", type=float, default=0.95)
     parser.add_argument("--scoring", default="exact", choices=list(search_lib.ivf.IVF_SCORING))
+
+
+def memory_keys(args, queries):
+    """`(keys, labels, queries)` as `args` ask, with `queries` held-out queries."""
+    if args.keys == "clustered":
+        return clustered(args.size, args.dim, queries, np.random.default_rng(0))
+    return fashion_mnist_keys(args.size, queries)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_memory_arguments(parser)
+    parser.add_argument("--recall", type=float, default=0.95)
     parser.add_argument("--recall-queries", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--repeats-1", type=int, default=60)
@@ -222,12 +234,7 @@ def main(argv=None):
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "results", "benchmarks"))
     args = parser.parse_args(argv)
 
-    rng = np.random.default_rng(0)
-    queries_needed = args.recall_queries + 4096
-    if args.keys == "clustered":
-        keys, labels, queries = clustered(args.size, args.dim, queries_needed, rng)
-    else:
-        keys, labels, queries = fashion_mnist_keys(args.size, queries_needed)
+    keys, labels, queries = memory_keys(args, args.recall_queries + 4096)
     n, d = keys.shape
     held_out, timed = queries[: args.recall_queries], queries[args.recall_queries :]
     threads = search_lib.search_threads()

@@ -69,3 +69,51 @@ def test_soak_of_every_savedmodel_mode_finds_no_difference(tmp_path):
         assert row["calls"] > 100, name
         assert row["different"] == 0 and row["errors"] == 0, (name, row)
     assert (tmp_path / "soak.md").exists()
+
+
+def test_serving_against_faiss_reports_the_memorys_added_time_and_its_ratios(tmp_path):
+    import json
+
+    import serving_vs_faiss
+
+    serving_vs_faiss.main(
+        ["--keys", "clustered", "--size", "4000", "--dim", "8", "--recall-queries", "100",
+         "--rounds", "2", "--repeats-1", "2", "--repeats-256", "1", "--output-dir", str(tmp_path)]
+    )  # fmt: skip
+    results = json.loads((tmp_path / "serving_vs_faiss_clustered.json").read_text())
+    assert results["ivf"]["recall"] >= 0.95 or (
+        results["ivf"]["num_probes"] == results["ivf"]["num_partitions"]
+    )
+    # FAISS's knobs reach at least the SavedModel's recall, or their largest setting.
+    assert results["faiss_ivfflat"]["recall"] >= results["ivf"]["recall"] - 1e-9 or (
+        results["faiss_ivfflat"]["nprobe"] == 128
+    )
+    median, added = results["median_ms"], results["added_ms"]
+    assert set(median) == {"network", "resmem", "faiss_ivfflat", "faiss_hnsw"}
+    assert results["ratios"]["added_256_over_faiss_ivfflat"] == pytest.approx(
+        added["256"] / median["faiss_ivfflat"]["256"]
+    )
+    assert all(v > 0 for by in median.values() for v in by.values())
+
+
+def test_serving_profile_attributes_the_ops_to_the_parts_of_the_graph(tmp_path):
+    import json
+
+    import serving_profile
+
+    serving_profile.main(
+        ["--keys", "clustered", "--size", "4000", "--dim", "8", "--num-probes", "4",
+         "--scoring", "bfloat16", "--requests", "2", "--output-dir", str(tmp_path)]
+    )  # fmt: skip
+    results = json.loads((tmp_path / "serving_profile.json").read_text())
+    parts = results["traced"]["resmem"]["256"]["parts_ms"]
+    # The search's name scopes are found in the served graph.
+    searched = (
+        "search: score candidates (gathers, matmul)",
+        "search: top-k",
+        "search: re-score the bfloat16 shortlist",
+        "search: choose partitions",
+    )
+    for part in searched:
+        assert parts[part] > 0, part
+    assert results["traced"]["network"]["256"]["parts_ms"]["search: top-k"] == 0

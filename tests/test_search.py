@@ -144,9 +144,9 @@ def test_ivf_bfloat16_handles_fallback_empty_and_blocked_batches(rng):
     index = _ivf_bfloat16(keys, 4)
     assert index.search(tf.zeros((0, 8)), 5).shape == (0, 5)
     queries = tf.constant(clustered(rng, 50, 8))
-    want = index.search(queries, 5).numpy()
+    want = np.sort(index.search(queries, 5).numpy(), axis=1)
     index.max_candidates = 1  # one query per block
-    np.testing.assert_array_equal(index.search(queries, 5).numpy(), want)
+    np.testing.assert_array_equal(np.sort(index.search(queries, 5).numpy(), axis=1), want)
     # Each row's ids are distinct: padding never enters a shortlist's answer.
     assert all(len(set(row)) == 5 for row in want)
 
@@ -161,7 +161,8 @@ def test_ivf_answers_each_query_of_a_batch_as_if_it_were_alone(rng, scoring):
     index = build(keys, 1, num_partitions=60)
     together = index.search(tf.constant(queries), 40).numpy()
     alone = np.concatenate([index.search(tf.constant(q[None]), 40).numpy() for q in queries])
-    np.testing.assert_array_equal(together, alone)
+    # The same neighbours (bfloat16 scoring does not sort them: the memory does).
+    np.testing.assert_array_equal(np.sort(together, axis=1), np.sort(alone, axis=1))
     exact = ref.knn(keys, queries, 40)[0]
     same = [set(a) == set(b) for a, b in zip(together, exact, strict=True)]
     assert 0 < sum(same) < len(queries)  # some rows exact (too few candidates), some not

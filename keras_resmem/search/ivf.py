@@ -307,20 +307,26 @@ class IVFSearch(_Searcher):
                 scores, positions = at_least(size, (scores, np.inf), (positions, 0))
             with tf.name_scope("ivf_top_k"):
                 # A shortlist, scored again against the float32 keys.
-                best, columns = tf.math.top_k(-scores, k=size)
+                # Unsorted: the shortlist's order does not matter, and
+                # sorting it costs a sixth of the top-k.
+                best, columns = tf.math.top_k(-scores, k=size, sorted=False)
             with tf.name_scope("ivf_rescoring"):
                 short = tf.gather(positions, columns, batch_dims=1)
                 exact = tf.reduce_sum(tf.square(tf.gather(keys, short) - q[:, None, :]), axis=-1)
                 # Padding (a query with fewer than `size` candidates) stays last.
                 exact = tf.where(tf.math.is_finite(best), exact, np.inf)
-                _, top = tf.math.top_k(-exact, k=k)
+                _, top = tf.math.top_k(-exact, k=k, sorted=False)  # the memory sorts
                 return tf.gather(short, top, batch_dims=1)
 
         def search_block(q):
             m = tf.shape(q)[0]
             with tf.name_scope("ivf_probe"):
                 q_dot_c = tf.matmul(q, centroids, transpose_b=True)
-                _, probed = tf.math.top_k(2.0 * q_dot_c - c_sq[None, :], k=probes)
+                # bfloat16 scoring needs no order of the probes (float32 keeps
+                # the order it always had).
+                _, probed = tf.math.top_k(
+                    2.0 * q_dot_c - c_sq[None, :], k=probes, sorted=blocks is None
+                )
                 starts = tf.gather(offsets, probed)
                 ends = tf.gather(offsets, probed + 1)
                 row_lengths = tf.reduce_sum(ends - starts, axis=1)
