@@ -50,6 +50,34 @@ def build_cnn(width=16, embedding_dim=32, num_classes=10):
     return keras.Model(inputs, outputs, name="fashion_cnn")
 
 
+def train_cnn(base, train, validation, args, seed):
+    """Compiles the main job's CNN and trains it to convergence (early stopping on validation).
+
+    `args` gives `max_epochs`, `patience`, `batch_size` and `verbose`.
+    Returns `examples/_protocol.py`'s `train_to_convergence` summary.
+    """
+    base.compile(
+        optimizer=keras.optimizers.Adam(2e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    training = protocol.train_to_convergence(
+        base,
+        train,
+        validation,
+        max_epochs=args.max_epochs,
+        patience=args.patience,
+        batch_size=args.batch_size,
+        verbose=2 if args.verbose else 0,
+    )
+    print(
+        f"[seed {seed}] DeepNet stopped after {training['epochs_run']} epochs (best weights: "
+        f"epoch {training['best_epoch']}, {training['seconds']:.0f} s)",
+        flush=True,
+    )
+    return training
+
+
 def load_splits(val_size, seed):
     (x_train, y_train), (x_test, y_test) = load_fashion_mnist()
     prep = lambda x: (x.astype("float32") / 255.0)[..., None]  # noqa: E731
@@ -91,24 +119,7 @@ def run_seed(args, seed, output_dir):
         f"[seed {seed}] DeepNet: {base.count_params():,} parameters; {len(x_train):,} training, "
         f"{len(x_val):,} validation, {len(x_test):,} test images"
     )
-    base.compile(
-        optimizer=keras.optimizers.Adam(2e-3),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-    training = protocol.train_to_convergence(
-        base,
-        (x_train, y_train),
-        (x_val, y_val),
-        max_epochs=args.max_epochs,
-        patience=args.patience,
-        batch_size=args.batch_size,
-        verbose=2 if args.verbose else 0,
-    )
-    print(
-        f"[seed {seed}] DeepNet stopped after {training['epochs_run']} epochs (best weights: "
-        f"epoch {training['best_epoch']}, {training['seconds']:.0f} s)"
-    )
+    training = train_cnn(base, (x_train, y_train), (x_val, y_val), args, seed)
 
     # Everything below is chosen on the validation split only, for each method
     # on its own: the layer the memory is keyed on, k, sigma (and T, lambda).

@@ -33,7 +33,7 @@ from keras_resmem import _io
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _protocol as protocol  # noqa: E402
-from fashion_mnist import build_cnn, load_splits  # noqa: E402
+from fashion_mnist import build_cnn, load_splits, train_cnn  # noqa: E402
 
 LAYER = "pool2"
 # The protocol's sigma grid, extended: full 1568-d distances are larger than
@@ -85,25 +85,7 @@ def run_seed(args, seed):
     if args.train_size:
         x_train, y_train = x_train[: args.train_size], y_train[: args.train_size]
     base = build_cnn()
-    base.compile(
-        optimizer=keras.optimizers.Adam(2e-3),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-    training = protocol.train_to_convergence(
-        base,
-        (x_train, y_train),
-        (x_val, y_val),
-        max_epochs=args.max_epochs,
-        patience=args.patience,
-        batch_size=args.batch_size,
-        verbose=2 if args.verbose else 0,
-    )
-    print(
-        f"[seed {seed}] DeepNet stopped after {training['epochs_run']} epochs (best weights: "
-        f"epoch {training['best_epoch']}, {training['seconds']:.0f} s)",
-        flush=True,
-    )
+    training = train_cnn(base, (x_train, y_train), (x_val, y_val), args, seed)
     deepnet_test = base.predict(x_test, batch_size=1024, verbose=0)
     deepnet_accuracy = float((deepnet_test.argmax(-1) == y_test).mean())
     features = keras.Model(base.inputs, [base.get_layer(LAYER).output, base.output])

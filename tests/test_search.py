@@ -340,7 +340,7 @@ def test_nearest_centroids_in_small_chunks(rng):
     points = rng.normal(size=(1000, 4)).astype("float32")
     centroids = rng.normal(size=(300, 4)).astype("float32")
     want = ((points[:, None] - centroids[None]) ** 2).sum(-1).argmin(-1)
-    got = search.ivf._nearest_centroids(points, centroids, max_scores=300 * 256)  # 4 chunks
+    got = search.base.nearest_centroids(points, centroids, max_scores=300 * 256)  # 4 chunks
     np.testing.assert_array_equal(got, want)
 
 

@@ -11,8 +11,9 @@ from keras_resmem.search.base import (
     SearchBackend,
     _Searcher,
     known_options,
-    l2_ranking_scores,
+    nearest_centroids,
     positive_int_option,
+    rescore,
 )
 from keras_resmem.search.exact import ExactSearch
 
@@ -51,26 +52,6 @@ def resolve_ivf_options(memory_size, options):
     return opts
 
 
-def _nearest_centroids(points, centroids, max_scores=2**22):
-    """Index of the nearest centroid of each point (L2), in chunks of points.
-
-    A chunk scores at most about `max_scores` (point, centroid) pairs at once
-    (16 MiB of float32), so that memory stays flat however many centroids:
-    65,536 points at a time against the 8,944 centroids of a 5M-entry memory
-    was a 2.3 GB score matrix, and its argmin ran on one core; chunks of
-    ~500 points were 1.6x faster there.
-    """
-    centroids = tf.convert_to_tensor(centroids)
-    c_sq = tf.reduce_sum(tf.square(centroids), axis=-1)
-    chunk_size = int(min(65_536, max(256, max_scores // int(centroids.shape[0]))))
-    out = np.empty(len(points), dtype=np.int32)
-    for start in range(0, len(points), chunk_size):
-        chunk = tf.convert_to_tensor(points[start : start + chunk_size])
-        scores = l2_ranking_scores(chunk, centroids, c_sq)
-        out[start : start + len(chunk)] = tf.argmin(scores, axis=-1, output_type=tf.int32).numpy()
-    return out
-
-
 def train_ivf(keys, options, verbose=0):
     """Builds an inverted-file index of `keys` with k-means.
 
@@ -93,7 +74,7 @@ def train_ivf(keys, options, verbose=0):
     centroids = sample[rng.choice(sample_size, size=num_partitions, replace=False)]
     progbar = keras.utils.Progbar(options["iterations"] + 1, verbose=verbose, unit_name="step")
     for step in range(options["iterations"]):
-        assign = _nearest_centroids(sample, centroids)
+        assign = nearest_centroids(sample, centroids)
         sums = tf.math.unsorted_segment_sum(sample, assign, num_partitions).numpy()
         counts = np.bincount(assign, minlength=num_partitions)
         empty = counts == 0
@@ -102,7 +83,7 @@ def train_ivf(keys, options, verbose=0):
             centroids[empty] = sample[rng.choice(sample_size, size=int(empty.sum()))]
         centroids = centroids.astype(np.float32)
         progbar.update(step + 1)
-    assign = _nearest_centroids(keys, centroids)
+    assign = nearest_centroids(keys, centroids)
     progbar.update(options["iterations"] + 1)
     ids = np.argsort(assign, kind="stable").astype(np.int32)
     offsets = np.zeros(num_partitions + 1, dtype=np.int32)
@@ -311,12 +292,9 @@ class IVFSearch(_Searcher):
                 # sorting it costs a sixth of the top-k.
                 best, columns = tf.math.top_k(-scores, k=size, sorted=False)
             with tf.name_scope("ivf_rescoring"):
-                short = tf.gather(positions, columns, batch_dims=1)
-                exact = tf.reduce_sum(tf.square(tf.gather(keys, short) - q[:, None, :]), axis=-1)
                 # Padding (a query with fewer than `size` candidates) stays last.
-                exact = tf.where(tf.math.is_finite(best), exact, np.inf)
-                _, top = tf.math.top_k(-exact, k=k, sorted=False)  # the memory sorts
-                return tf.gather(short, top, batch_dims=1)
+                short = tf.gather(positions, columns, batch_dims=1)
+                return rescore(keys, q, short, k, valid=tf.math.is_finite(best), sorted=False)
 
         def search_block(q):
             m = tf.shape(q)[0]
@@ -582,7 +560,7 @@ class IVF(SearchBackend):
         n = len(keys)
         centroids = self.centroids.numpy()
         offsets = self.offsets.numpy()
-        assign = _nearest_centroids(keys[start:], centroids)
+        assign = nearest_centroids(keys[start:], centroids)
         sizes = np.diff(offsets) + np.bincount(assign, minlength=len(centroids))
         new_offsets = np.zeros_like(offsets)
         np.cumsum(sizes, out=new_offsets[1:])

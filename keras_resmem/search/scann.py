@@ -11,7 +11,13 @@ import numpy as np
 import tensorflow as tf
 
 from keras_resmem.api_export import keras_resmem_export
-from keras_resmem.search.base import SearchBackend, _Searcher, known_options
+from keras_resmem.search.base import (
+    SearchBackend,
+    _Searcher,
+    known_options,
+    nearest_centroids,
+    rescore,
+)
 
 # ScaNN's search ops only read their searcher. Declared so, TensorFlow's
 # automatic control dependencies stop serialising them, and the query shards
@@ -392,7 +398,7 @@ class ScannSearch(_Searcher):
         keys = tf.convert_to_tensor(keys, tf.float32)
         n, d = keys.shape
         opts = resolve_scann_options(n, d, options)
-        if not opts["brute_force"] and opts["scoring"] == "int8":
+        if _int8_leaves(opts):
             tensors = _int8_index_tensors(keys, opts)
             handle = scann_ops.tensors_to_scann(
                 tf.zeros([0, d], tf.float32),
@@ -475,7 +481,7 @@ class ScannSearch(_Searcher):
             raise tf.errors.InvalidArgumentError(
                 None, None, f"{_SCANN_SHORT_RESULT} k={int(k)}, ids found: {ids.shape[1]}"
             )
-        if self.options.get("scoring") != "int8" or self.options.get("brute_force"):
+        if not _int8_leaves(self.options):
             return ids
         # Eagerly, in NumPy after one gather: each eager TensorFlow op costs
         # about as much as ScaNN's whole search of a single query.
@@ -487,23 +493,11 @@ class ScannSearch(_Searcher):
 
     def _candidates(self, k):
         """How many ids to ask ScaNN for: k, or with `scoring="int8"` `max(reorder, 2k)`."""
-        if self.options.get("scoring") != "int8" or self.options.get("brute_force"):
+        if not _int8_leaves(self.options):
             return k
         if tf.executing_eagerly() and not isinstance(k, tf.Tensor):
             return max(int(self.options["reorder"]), 2 * int(k))
         return tf.maximum(int(self.options["reorder"]), 2 * k)
-
-    def _rescore(self, queries, ids, k):
-        """The k of ScaNN's candidates `ids` nearest by float32 distance (`"int8"`)."""
-        if self.options.get("scoring") != "int8" or self.options.get("brute_force"):
-            return ids
-        # A read of the whole table, then a gather from the tensor: a
-        # gather from the variable itself (`ResourceGather`) would put it
-        # in copy-on-read mode (see `residual_memory._adopt`).
-        candidates = tf.gather(tf.convert_to_tensor(self._keys), ids)
-        squared = tf.reduce_sum(tf.square(candidates - queries[:, None, :]), axis=-1)
-        _, best = tf.math.top_k(-squared, k=k)
-        return tf.gather(ids, best, batch_dims=1)
 
     def _search_depth(self, k):
         """ScaNN's `pre_reorder_nn` and `leaves_to_search` inputs for a search of `k`.
@@ -532,12 +526,12 @@ class ScannSearch(_Searcher):
             complete, [_SCANN_SHORT_RESULT + " k and ids found:", k, tf.shape(ids)[1]]
         )
         with tf.control_dependencies([check]):
-            if self.options.get("scoring") == "int8" and not self.options.get("brute_force"):
+            if _int8_leaves(self.options):
                 # No queries: ScaNN's (0, 1) ids; reshaped, top-k has its k.
                 ids = tf.reshape(ids, [tf.shape(ids)[0], -1])
                 ids = tf.cond(
                     tf.shape(ids)[0] > 0,
-                    lambda: self._rescore(queries, ids, k),
+                    lambda: rescore(tf.convert_to_tensor(self._keys), queries, ids, k),
                     lambda: tf.zeros([0, k], tf.int32),
                 )
             return tf.reshape(ids, [-1, k])
@@ -590,7 +584,7 @@ class ScannSearch(_Searcher):
                 tensors[name] = tf.constant(arr, dtype=dtype)
                 del arr
         options = dict(options, scoring=_saved_scoring(tensors["scann_config"], options))
-        int8 = options["scoring"] == "int8" and not options.get("brute_force")
+        int8 = _int8_leaves(options)
         if int8:
             options.setdefault("reorder", 100)
         handle = _scann_ops().tensors_to_scann(
@@ -605,6 +599,11 @@ class ScannSearch(_Searcher):
         if shared_name is not None:
             return cls(handle, options, keys=keys)
         return cls._owning(handle, options, keys=keys)
+
+
+def _int8_leaves(options):
+    """Whether an index's options score a tree's leaves on int8 codes (no float dataset)."""
+    return options.get("scoring") == "int8" and not options.get("brute_force")
 
 
 def _float_dataset(keys, int8):
@@ -634,14 +633,12 @@ def _int8_index_tensors(keys, options, chunk_rows=32_768):
     each key's leaf (its nearest center), its int8 codes and their scale are
     computed a chunk at a time: apart from the keys, nothing bigger than the
     int8 codes (a quarter of the keys) is ever held. Rows are read in
-    slices, never gathered from a variable (see `_rescore`).
+    slices, never gathered from a variable (see `search.base.rescore`).
 
     Returns:
         `{name: tensor}`, the arguments of `tensors_to_scann` after the dataset.
     """
     from scann.partitioning import partitioner_pb2
-
-    from keras_resmem.search.ivf import _nearest_centroids
 
     n, d = keys.shape
     size = options["training_sample_size"]
@@ -682,7 +679,7 @@ def _int8_index_tensors(keys, options, chunk_rows=32_768):
     codes = np.empty((n, d), np.int8)
     for start in range(0, n, chunk_rows):
         rows = keys[start : start + chunk_rows].numpy()
-        tokens[start : start + len(rows)] = leaf_ids[_nearest_centroids(rows, centers)]
+        tokens[start : start + len(rows)] = leaf_ids[nearest_centroids(rows, centers)]
         codes[start : start + len(rows)] = np.clip(np.round(rows * multipliers), -127, 127)
     return {
         "scann_config": config,
@@ -764,7 +761,7 @@ class SavedScannSearch(tf.Module):
     # looks for variables, and would run the ops eagerly (at export).
     def _handle(self):
         keys, index = self._checked_index()
-        int8 = self.options.get("scoring") == "int8" and not self.options.get("brute_force")
+        int8 = _int8_leaves(self.options)
         return _scann_ops().tensors_to_scann(
             _float_dataset(keys, int8), **index, shared_name=self.shared_name
         )
@@ -775,7 +772,6 @@ class SavedScannSearch(tf.Module):
     search = ScannSearch._search
     _search_shard = ScannSearch._search_shard
     _candidates = ScannSearch._candidates
-    _rescore = ScannSearch._rescore
     _search_depth = ScannSearch._search_depth
 
 
