@@ -16,7 +16,15 @@ if keras.backend.backend() != "tensorflow":
         "KERAS_BACKEND=tensorflow before importing keras."
     )
 
-from keras_resmem import callbacks, datasets, diagnostics, projection, search, tuning  # noqa: E402
+from keras_resmem import (  # noqa: E402
+    callbacks,
+    datasets,
+    diagnostics,
+    projection,
+    search,
+    sharded,
+    tuning,
+)
 from keras_resmem.attach import attach_memory  # noqa: E402
 from keras_resmem.diagnostics import Comparison, compare  # noqa: E402
 from keras_resmem.export import export_saved_model  # noqa: E402
@@ -43,5 +51,6 @@ __all__ = [
     "projection",
     "save_model",
     "search",
+    "sharded",
     "tuning",
 ]

@@ -523,12 +523,46 @@ def _fill_memory(
         memory._fill(writer.finish(), verbose=verbose)
 
 
+def _sharded_settings(shards, data, ids, search, task, from_logits, sparse_residuals, temperature):
+    """`attach_memory(shards=...)`: the manifest, and the settings it fixes."""
+    import keras_resmem.sharded.format as format_lib
+    import keras_resmem.sharded.memory as sharded_memory
+
+    if data is not None or ids is not None:
+        raise ValueError(
+            "`shards` is the memory's data: give `shards` or `data` (and `ids`), not both."
+        )
+    manifest = format_lib.read_manifest(shards)
+    given = {"task": task, "from_logits": from_logits, "sparse_residuals": sparse_residuals}
+    saved = {
+        "task": manifest.task,
+        "from_logits": manifest.from_logits,
+        "sparse_residuals": manifest.sparse_residuals,
+    }
+    for name, value in given.items():
+        default = name == "task" and value == "classification"
+        if value is not None and value != saved[name] and not default:
+            raise ValueError(
+                f"The sharded memory at {manifest.path} was built with {name}={saved[name]!r}. "
+                f"Received: {name}={value!r}"
+            )
+    if manifest.sparse_residuals is not None and temperature != manifest.temperature:
+        raise ValueError(
+            f"The sharded memory at {manifest.path} stores residuals computed at temperature="
+            f"{manifest.temperature!r}; they cannot change. Received: temperature={temperature!r}"
+        )
+    if isinstance(search, str) and search == "auto":
+        search = sharded_memory.default_search(manifest)
+    return manifest, search, manifest.task, manifest.from_logits, manifest.sparse_residuals
+
+
 @keras_resmem_export("keras_resmem.attach_memory")
 def attach_memory(
     model,
     layer_name,
     data=None,
     *,
+    shards=None,
     ids=None,
     k=50,
     sigma=1.0,
@@ -589,6 +623,17 @@ def attach_memory(
             dicts). Labels are integer class ids or one-hot rows;
             regression targets have the output's width. Entries whose
             sample weight is 0 are not memorized.
+        shards: instead of `data`: a sharded memory built elsewhere, the path
+            of its `manifest.json` (or its directory), as
+            `keras_resmem.beam.build_sharded_memory` writes it. Every shard
+            is read and checked (digests, shapes, values) into the memory;
+            with the default `search="auto"`, each query searches every
+            shard exactly and their top-k are merged
+            (`keras_resmem.search.Sharded`), or, for a memory built with
+            shared IVF centroids, probes the same partitions of every shard
+            (`keras_resmem.search.IVF`). The model is saved and exported as
+            any other. `task`, `from_logits` and `sparse_residuals` come from
+            the manifest (a different value given here is an error).
         ids: for array `data`: the examples' int64 ids, unique (for sequence
             outputs, one per position, `(n, time)`). Neighbours are reported
             by these ids. Default: the entries' positions `0 .. n-1`.
@@ -651,6 +696,11 @@ def attach_memory(
     if from_logits is not None:
         from_logits = _validation.boolean("from_logits", from_logits)
     embedding, output = _key_and_output(model, layer_name)
+    manifest = None
+    if shards is not None:
+        manifest, search, task, from_logits, sparse_residuals = _sharded_settings(
+            shards, data, ids, search, task, from_logits, sparse_residuals, temperature
+        )
     # Validate the hyperparameters before the (long) pass over the data.
     memory = _new_memory(
         output,
@@ -679,6 +729,19 @@ def attach_memory(
         guarded = NonFiniteInputGuard(name="non_finite_input_guard")([*float_inputs, output])
     prediction = memory([embedding, guarded])
     resmem = keras.Model(model.inputs, prediction, name=name or f"{model.name}_resmem")
+    if manifest is not None:
+        import keras_resmem.sharded.memory as sharded_memory
+
+        if (memory.key_dim, memory.num_outputs) != (manifest.key_dim, manifest.num_outputs):
+            raise ValueError(
+                f"The sharded memory at {manifest.path} holds keys of {manifest.key_dim} "
+                f"features and {manifest.num_outputs} outputs, but layer {layer_name!r} of this "
+                f"model gives {memory.key_dim} features and the model {memory.num_outputs} "
+                "outputs: it was built from another model or layer."
+            )
+        entries, index = sharded_memory.load_entries(manifest, verbose=verbose)
+        adopt = index is not None and search == sharded_memory.default_search(manifest)
+        memory._fill(entries, verbose=verbose, index=index if adopt else None)
     if data is not None:
         predict = _predict_function(model, embedding, output)
         _fill_memory(

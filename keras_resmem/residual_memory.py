@@ -643,8 +643,12 @@ class ResidualMemory(keras.layers.Layer):
                 "ResidualMemory for them."
             )
 
-    def _fill(self, entries, verbose=0):
-        """Makes `entries` (a finished `MemoryEntries`) the memory, and indexes it."""
+    def _fill(self, entries, verbose=0, index=None):
+        """Makes `entries` (a finished `MemoryEntries`) the memory, and indexes it.
+
+        `index`: the backend's `adopt_index` arguments, for an index built
+        elsewhere (a sharded memory's), instead of `fit`.
+        """
         self._check_entry_shape(entries)
         _validation.k_within(self.k, entries.memory_size)
         if self._projection is not None:
@@ -673,7 +677,10 @@ class ResidualMemory(keras.layers.Layer):
                     self._filling = False
             else:
                 self._backend.resolve(self.memory_size, self.stored_key_dim)
-            self._backend.fit(verbose=verbose)
+            if index is None:
+                self._backend.fit(verbose=verbose)
+            else:
+                self._backend.adopt_index(**index)
         except BaseException:
             self._fill_failed = True
             raise

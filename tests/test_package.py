@@ -22,6 +22,7 @@ def test_public_api_is_small_and_registered():
         "projection",
         "save_model",
         "search",
+        "sharded",
         "tuning",
     }
     import keras
@@ -29,7 +30,7 @@ def test_public_api_is_small_and_registered():
     assert keras.saving.get_registered_object("keras_resmem>ResidualMemory") is (
         keras_resmem.ResidualMemory
     )
-    for name in ("Exact", "IVF", "ScaNN", "Auto"):
+    for name in ("Exact", "IVF", "ScaNN", "Auto", "Sharded"):
         assert keras.saving.get_registered_object(f"keras_resmem>{name}") is getattr(
             keras_resmem.search, name
         )

@@ -42,6 +42,7 @@ from keras_resmem.search.scann import (
     resolve_scann_options,
     search_threads,
 )
+from keras_resmem.search.sharded import Sharded, ShardedSearch
 
 # Version 0.1's rule, still used for layers saved by it with search="auto":
 # exact below this many entries, IVF from there.
@@ -222,6 +223,8 @@ __all__ = [
     "ScaNN",
     "ScannSearch",
     "SearchBackend",
+    "Sharded",
+    "ShardedSearch",
     "_scann_ops",
     "default_ivf_options",
     "default_scann_options",

@@ -90,6 +90,10 @@ class SearchBackend(abc.ABC):
     def search(self, queries, k):
         """The int32 positions `(m, k)` of the `k` nearest keys to each query `(m, d)`."""
 
+    def adopt_index(self, **index):
+        """Takes an index built elsewhere (a sharded memory's) instead of `fit`."""
+        raise ValueError(f"The {self.name!r} search backend cannot take a prebuilt index.")
+
     def entries_added(self, start, verbose=0):
         """Entries were appended: keys `[start, n)` are new, earlier ones did not move.
 

@@ -523,6 +523,22 @@ class IVF(SearchBackend):
         self._install(centroids, offsets, ids)
         self._trained = (len(keys), _imbalance(offsets))
 
+    def adopt_index(self, centroids, offsets, ids):
+        """Takes partitions trained elsewhere: a sharded memory's shared centroids and lists."""
+        arrays = {
+            "keys": np.asarray(tf.convert_to_tensor(self.keys)),
+            "ivf_centroids": np.asarray(centroids, np.float32),
+            "ivf_offsets": np.asarray(offsets, np.int32),
+            "ivf_ids": np.asarray(ids, np.int32),
+        }
+
+        def fail(part, problem):
+            raise ValueError(f"The IVF index given is invalid: {part} {problem}.")
+
+        self.check_loaded(arrays, fail)
+        self._install(arrays["ivf_centroids"], arrays["ivf_offsets"], arrays["ivf_ids"])
+        self._trained = None
+
     def _install(self, centroids, offsets, ids):
         self.centroids.assign(centroids)
         self.offsets.assign(offsets)
