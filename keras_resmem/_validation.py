@@ -82,8 +82,12 @@ def finite_rows(name, values, first_entry=0):
         )
 
 
-def class_ids(targets, num_classes, first_entry=0):
-    """Classification targets `(n,)` as int32 class ids in `[0, num_classes)`."""
+def class_ids(targets, num_classes, first_entry=0, ids=None):
+    """Classification targets `(n,)` as int32 class ids in `[0, num_classes)`.
+
+    A bad label is named by its entry number, or by its example's id when
+    `ids` (one per target) are given.
+    """
     targets = np.asarray(targets)
     if targets.ndim != 1 or not np.issubdtype(targets.dtype, np.integer):
         raise ValueError(
@@ -95,7 +99,8 @@ def class_ids(targets, num_classes, first_entry=0):
         i = int(np.argmax(bad))
         raise ValueError(
             f"Class ids must lie in [0, {num_classes}) for a model with {num_classes} outputs. "
-            f"Received: label {targets[i]} at entry {first_entry + i}"
+            f"Received: label {targets[i]} "
+            + (f"at entry {first_entry + i}" if ids is None else f"for the example of id {ids[i]}")
         )
     return targets.astype(np.int32)
 

@@ -551,9 +551,11 @@ def _sharded_settings(shards, data, ids, search, task, from_logits, sparse_resid
             f"The sharded memory at {manifest.path} stores residuals computed at temperature="
             f"{manifest.temperature!r}; they cannot change. Received: temperature={temperature!r}"
         )
-    if isinstance(search, str) and search == "auto":
+    # The default search serves the shards' own index (IVF: their centroids and lists).
+    adopt = isinstance(search, str) and search == "auto"
+    if adopt:
         search = sharded_memory.default_search(manifest)
-    return manifest, search, manifest.task, manifest.from_logits, manifest.sparse_residuals
+    return manifest, search, adopt, manifest.task, manifest.from_logits, manifest.sparse_residuals
 
 
 @keras_resmem_export("keras_resmem.attach_memory")
@@ -696,9 +698,9 @@ def attach_memory(
     if from_logits is not None:
         from_logits = _validation.boolean("from_logits", from_logits)
     embedding, output = _key_and_output(model, layer_name)
-    manifest = None
+    manifest, adopt = None, False
     if shards is not None:
-        manifest, search, task, from_logits, sparse_residuals = _sharded_settings(
+        manifest, search, adopt, task, from_logits, sparse_residuals = _sharded_settings(
             shards, data, ids, search, task, from_logits, sparse_residuals, temperature
         )
     # Validate the hyperparameters before the (long) pass over the data.
@@ -740,7 +742,6 @@ def attach_memory(
                 "outputs: it was built from another model or layer."
             )
         entries, index = sharded_memory.load_entries(manifest, verbose=verbose)
-        adopt = index is not None and search == sharded_memory.default_search(manifest)
         memory._fill(entries, verbose=verbose, index=index if adopt else None)
     if data is not None:
         predict = _predict_function(model, embedding, output)

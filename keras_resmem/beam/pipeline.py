@@ -168,20 +168,7 @@ def _checked_labels(ids, y, task, num_outputs):
     if task != "classification":
         return np.asarray(y, dtype=np.float32).reshape(len(ids), -1)
     y = attach._class_ids(y, num_outputs, 0)
-    y = np.asarray(y)
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(
-            "Classification labels must be integer class ids or one-hot rows. Received: "
-            f"labels of dtype {y.dtype} and shape {y.shape} (ids {ids[:3].tolist()}...)"
-        )
-    bad = (y < 0) | (y >= num_outputs)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise ValueError(
-            f"Class ids must lie in [0, {num_outputs}) for a model with {num_outputs} "
-            f"outputs. Received: label {y[i]} for the example of id {int(ids[i])}"
-        )
-    return y
+    return _validation.class_ids(y, num_outputs, ids=np.asarray(ids).tolist())
 
 
 def split_by_shard(result, num_shards, task, num_outputs):

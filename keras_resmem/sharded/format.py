@@ -450,11 +450,12 @@ def read_centroids(manifest):
     return centroids
 
 
-def read_shard(manifest, index):
+def read_shard(manifest, index, num_partitions=None):
     """Reads shard `index` of `manifest`, checked; returns its arrays by name.
 
     The per-entry arrays are named as `ResidualMemory`'s variables; an IVF
-    shard adds `ivf_offsets` and `ivf_ids`.
+    shard adds `ivf_offsets` and `ivf_ids`. `num_partitions`: the number of
+    shared centroids, where the caller has read them (`read_centroids`) already.
 
     Raises:
         ShardedMemoryError: a missing file, a file whose dtype, shape or
@@ -475,7 +476,7 @@ def read_shard(manifest, index):
     n = entry["size"]
     specs = manifest.entry_specs(n)
     if manifest.index == "ivf":
-        p = len(read_centroids(manifest))
+        p = len(read_centroids(manifest)) if num_partitions is None else num_partitions
         specs.update(ivf_offsets=("int32", (p + 1,)), ivf_ids=("int32", (n,)))
     if set(files) != set(specs):
         _fail(where, f"it holds {sorted(files)}, not {sorted(specs)}")

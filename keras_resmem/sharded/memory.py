@@ -8,7 +8,7 @@ from keras_resmem import memory_writer as writer_lib
 from keras_resmem import search as search_lib
 
 
-def default_search(manifest):
+def default_search(manifest, centroids=None):
     """The search a sharded memory is served with by default.
 
     Exact manifests: `Sharded` (each shard searched exactly, the top-k merged).
@@ -18,8 +18,10 @@ def default_search(manifest):
     """
     if manifest.index == "ivf":
         num_probes = manifest.settings.get("num_probes")
+        if centroids is None:
+            centroids = format_lib.read_centroids(manifest)
         return search_lib.IVF(
-            num_partitions=len(format_lib.read_centroids(manifest)),
+            num_partitions=len(centroids),
             num_probes=num_probes if isinstance(num_probes, int) and num_probes > 0 else None,
         )
     return search_lib.Sharded([shard["size"] for shard in manifest.shards])
@@ -41,11 +43,12 @@ def load_entries(manifest, verbose=1):
     for name, (dtype, shape) in manifest.entry_specs(n).items():
         arrays[name], bases[name] = writer_lib.with_spare_rows(n, shape[1:], dtype)
     ivf = manifest.index == "ivf"
+    centroids = format_lib.read_centroids(manifest) if ivf else None
     owners, members = [], []
     progbar = keras.utils.Progbar(manifest.num_shards, verbose=verbose, unit_name="shard")
     start = 0
     for i, entry in enumerate(manifest.shards):
-        shard = format_lib.read_shard(manifest, i)
+        shard = format_lib.read_shard(manifest, i, None if centroids is None else len(centroids))
         size = entry["size"]
         for name in arrays:
             arrays[name][start : start + size] = shard[name]
@@ -59,7 +62,6 @@ def load_entries(manifest, verbose=1):
     entries = writer_lib.MemoryEntries(arrays, n, manifest.key_dim, manifest.num_outputs, bases)
     if not ivf:
         return entries, None
-    centroids = format_lib.read_centroids(manifest)
     owner, member = np.concatenate(owners), np.concatenate(members)
     order = np.argsort(owner, kind="stable")
     offsets = np.zeros(len(centroids) + 1, np.int32)
